@@ -1,0 +1,18 @@
+"""mrl-kernels: fused kernels for Matryoshka Representation Learning (arXiv 2205.13147).
+
+Public API: the losses for every nesting dim in one call, prefix norms and truncated-dim search.
+`mrl_kernels.reference` holds the eager PyTorch definitions they are tested against.
+"""
+from . import reference
+from .ops import matryoshka_contrastive_loss, matryoshka_linear_cross_entropy, prefix_norms, prefix_topk
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "matryoshka_contrastive_loss",
+    "matryoshka_linear_cross_entropy",
+    "prefix_norms",
+    "prefix_topk",
+    "reference",
+]

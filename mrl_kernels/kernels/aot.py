@@ -1,0 +1,110 @@
+"""Ahead-of-time compilation of the Triton kernels for real GPUs, without a GPU.
+
+The interpreter runs kernels on the CPU but accepts code the compiler rejects, so every kernel is
+also compiled for the architectures the library supports, at the exact configs it launches, and
+checked for shared memory over the chip's limit. ptxas (shipped in the triton wheel) reports
+registers and spills.
+
+Compiling needs real (not interpreted) kernels, so under TRITON_INTERPRET=1 the tests run
+`python -m mrl_kernels.kernels.aot` in a subprocess with the interpreter off; it compiles every
+kernel module's `aot_specs()` and prints one JSON line per (spec, arch).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import sys
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# Opt-in shared memory per block: A100 (sm_80) 163 KB, H100/H200 (sm_90) 227 KB.
+SHARED_LIMIT = {80: 166912, 90: 232448}
+ARCHS = tuple(SHARED_LIMIT)
+
+TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+               torch.int32: "i32"}
+
+
+@dataclass
+class CompileReport:
+    kernel: str
+    arch: int
+    shared: int
+    registers: int | None
+    spill_bytes: int | None
+    ptx: str
+
+    @property
+    def fits(self) -> bool:
+        return self.shared <= SHARED_LIMIT[self.arch]
+
+
+def pointer(dtype: torch.dtype) -> str:
+    return "*" + TRITON_TYPE[dtype]
+
+
+def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4,
+                   num_stages: int = 3) -> CompileReport:
+    """Compile `fn` for sm_<arch>. `signature` maps every argument to a Triton type ('*fp16', 'i32',
+    'constexpr'); `constexprs` gives the constexpr values. Raises on any compile error."""
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    target = GPUTarget("cuda", arch, 32)
+    compiled = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = compiled.asm["ptx"]
+    registers, spills = ptxas_usage(ptx, arch)
+    return CompileReport(fn.__name__, arch, compiled.metadata.shared, registers, spills, ptx)
+
+
+def _ptxas() -> str | None:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return path if os.access(path, os.X_OK) else None
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
+    """(registers, spill store bytes) from `ptxas -v`, or (None, None) where ptxas is missing."""
+    ptxas = _ptxas()
+    if ptxas is None:
+        return None, None
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True, check=True)
+    report = proc.stdout + proc.stderr
+    regs = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return (int(regs.group(1)) if regs else None, int(spills.group(1)) if spills else None)
+
+
+# Kernel modules whose aot_specs() are compiled; each yields (label, fn, signature, constexprs, num_warps).
+KERNEL_MODULES = ("mrl_kernels.kernels.prefix_norms",)
+
+
+def compile_all(archs=ARCHS):
+    for module in KERNEL_MODULES:
+        for label, fn, signature, constexprs, num_warps in importlib.import_module(module).aot_specs():
+            for arch in archs:
+                try:
+                    report = asdict(compile_kernel(fn, signature, constexprs, arch, num_warps=num_warps))
+                    del report["ptx"]
+                    report.update(fits=report["shared"] <= SHARED_LIMIT[arch], error=None)
+                except Exception as exc:  # reported per spec, so one bad kernel does not hide the others
+                    report = {"kernel": fn.__name__, "arch": arch, "error": f"{type(exc).__name__}: {exc}"}
+                yield {"label": f"{module.rsplit('.', 1)[-1]}[{label}]", **report}
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    for line in compile_all():
+        print(json.dumps(line), flush=True)

@@ -1,0 +1,7 @@
+"""Drop-in ops: input validation, autograd, torch.library registration and backend dispatch."""
+from .contrastive import matryoshka_contrastive_loss
+from .cross_entropy import matryoshka_linear_cross_entropy
+from .prefix_norms import prefix_norms
+from .search import prefix_topk
+
+__all__ = ["matryoshka_contrastive_loss", "matryoshka_linear_cross_entropy", "prefix_norms", "prefix_topk"]

@@ -1,0 +1,107 @@
+"""Input checks shared by the ops. Every check raises before any kernel runs and names the argument."""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_tensor(t, name: str, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    return t
+
+
+def check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, dtype: bool = True) -> None:
+    """Same device (and dtype, unless dtype=False) as `ref`."""
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+
+
+def check_int(value, name: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_dims(dims, full_dim: int, name: str = "dims") -> tuple[int, ...]:
+    """Nesting dims: a non-empty sequence of unique ints in [1, full_dim], any order."""
+    if isinstance(dims, torch.Tensor):
+        dims = dims.tolist()
+    if not isinstance(dims, Sequence) or isinstance(dims, str) or len(dims) == 0:
+        raise TypeError(f"{name} must be a non-empty sequence of ints, got {dims!r}")
+    out = tuple(check_int(m, f"{name}[{j}]", 1, full_dim) for j, m in enumerate(dims))
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} has repeated entries: {list(out)}")
+    return out
+
+
+def check_choice(value, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_finite(value, name: str, positive: bool = False, low: float | None = None,
+                 high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def check_dim_weights(dim_weights, n_dims: int) -> tuple[float, ...]:
+    """Per-dim loss weights (default all ones): finite reals, one per dim."""
+    if dim_weights is None:
+        return (1.0,) * n_dims
+    if isinstance(dim_weights, torch.Tensor):
+        dim_weights = dim_weights.tolist()
+    if not isinstance(dim_weights, Sequence) or len(dim_weights) != n_dims:
+        raise ValueError(f"dim_weights must have one entry per dim ({n_dims}), got {dim_weights!r}")
+    return tuple(check_finite(w, f"dim_weights[{j}]") for j, w in enumerate(dim_weights))
+
+
+def check_all_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_labels(labels, name: str, n: int, n_classes: int, like: torch.Tensor, like_name: str,
+                 ignore_index: int | None = None) -> torch.Tensor:
+    """Integer class indices of shape [n], each in [0, n_classes) or equal to ignore_index."""
+    check_tensor(labels, name, ndim=1, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8))
+    if labels.shape[0] != n:
+        raise ValueError(f"{name} must have shape [{n}], got {tuple(labels.shape)}")
+    check_like(labels, name, like, like_name, dtype=False)
+    valid = (labels >= 0) & (labels < n_classes)
+    if ignore_index is not None:
+        valid |= labels == ignore_index
+    if not bool(valid.all()):
+        bad = labels[~valid][0].item()
+        allowed = f"[0, {n_classes})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
+        raise ValueError(f"{name} has entry {bad} outside {allowed}")
+    return labels.long()

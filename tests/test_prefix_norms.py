@@ -1,0 +1,125 @@
+import pytest
+import torch
+import triton
+import triton.language as tl
+from helpers import TOL, rel_error
+
+import mrl_kernels as mk
+from mrl_kernels.kernels.indexing import row_offsets
+from mrl_kernels.kernels.prefix_norms import prefix_norms_triton
+
+CASES = [  # (N, D, dims)
+    (37, 70, (17, 3, 70)),
+    (33, 100, (100, 1, 50)),
+    (1, 1, (1,)),
+    (5, 2048, (8, 16, 32, 64, 128, 256, 512, 1024, 2048)),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def norms_float64(x, dims):
+    x = x.double().cpu()
+    return torch.stack([(x[:, :m] ** 2).sum(1).sqrt() for m in dims], dim=1)
+
+
+@pytest.mark.parametrize("n,d,dims", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_matches_float64(backend, dtype, n, d, dims):
+    x = torch.randn(n, d, dtype=dtype)
+    out = mk.prefix_norms(x, dims, backend=backend)
+    assert out.shape == (n, len(dims)) and out.dtype == torch.float32
+    assert rel_error(out, norms_float64(x, dims)) < TOL[dtype]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("n,d,dims", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_matches_float64(kernel_device, dtype, n, d, dims):
+    # A column slice of a wider tensor: the kernel must honour the row stride.
+    x = torch.randn(n, d + 13, dtype=dtype, device=kernel_device)[:, :d]
+    out = torch.full((n, len(dims)), float("nan"), device=kernel_device)
+    prefix_norms_triton(x, dims, out=out)
+    assert rel_error(out, norms_float64(x, dims)) < TOL[torch.float32]  # fp32 accumulation of exact inputs
+    assert rel_error(mk.prefix_norms(x, dims, backend="triton"), norms_float64(x, dims)) < TOL[torch.float32]
+
+
+def test_float64_kept():
+    x = torch.randn(9, 20, dtype=torch.float64)
+    out = mk.prefix_norms(x, [20, 5])
+    assert out.dtype == torch.float64
+    assert rel_error(out, norms_float64(x, [20, 5])) < 1e-14
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_nan_propagates(backend):
+    x = torch.randn(4, 30)
+    x[2, 10] = float("nan")
+    out = mk.prefix_norms(x, [5, 30, 11], backend=backend)
+    assert out[2, 0].isfinite() and out[2, 1].isnan() and out[2, 2].isnan()
+    assert out[[0, 1, 3]].isfinite().all()
+
+
+@pytest.mark.triton
+def test_triton_nan_propagates(kernel_device):
+    x = torch.randn(4, 30, device=kernel_device)
+    x[2, 10] = float("nan")
+    out = mk.prefix_norms(x, [5, 30, 11], backend="triton").cpu()
+    assert out[2, 0].isfinite() and out[2, 1].isnan() and out[2, 2].isnan()
+
+
+def test_gradcheck():
+    x = torch.randn(6, 23, dtype=torch.float64, requires_grad=True)
+    x.data[1] = 0  # a zero row has a zero subgradient, as in torch.linalg.norm
+    assert torch.autograd.gradcheck(lambda t: mk.prefix_norms(t, [23, 4, 9], backend="torch")[[0, 2, 3, 4, 5]], (x,))
+    out = mk.prefix_norms(x, [23, 4, 9], backend="torch")
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert (g[1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradient_matches_float64(backend, kernel_device):
+    device = kernel_device if backend == "triton" else "cpu"
+    dims = (17, 3, 70)
+    x = torch.randn(37, 70, device=device, requires_grad=True)
+    w = torch.randn(37, len(dims), device=device)
+    (g,) = torch.autograd.grad((mk.prefix_norms(x, dims, backend=backend) * w).sum(), x)
+    x64 = x.detach().double().cpu().requires_grad_()
+    (g64,) = torch.autograd.grad((norms_float64(x64, dims) * w.double().cpu()).sum(), x64)
+    assert rel_error(g, g64) < 1e-5
+
+
+def test_torch_compile_fullgraph():
+    x = torch.randn(8, 40)
+    fn = torch.compile(lambda t: mk.prefix_norms(t, [10, 40]).sum(1), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(x), mk.prefix_norms(x, [10, 40]).sum(1))
+
+
+@triton.jit
+def _row_offsets_probe(OUT, first_row, stride, BLOCK: tl.constexpr):
+    rows = first_row + tl.arange(0, BLOCK)
+    tl.store(OUT + tl.arange(0, BLOCK), row_offsets(rows, stride))
+
+
+@pytest.mark.triton
+def test_row_offsets_do_not_wrap_at_2_31(kernel_device):
+    # Rows past 2**31 / stride: an int32 product would wrap negative; the kernels' offsets must not.
+    first_row, stride = 2**21 - 2, 4099
+    out = torch.zeros(4, dtype=torch.int64, device=kernel_device)
+    _row_offsets_probe[(1,)](out, first_row, stride, BLOCK=4)
+    expected = [(first_row + i) * stride for i in range(4)]
+    assert out.tolist() == expected and max(expected) > 2**31
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_triton_past_2_31_elements():
+    # 2**31 + 2 * 4096 fp16 elements (4 GB): the last rows sit past the int32 range of element offsets.
+    d = 4096
+    n = 2**31 // d + 2
+    x = torch.empty(n, d, dtype=torch.float16, device="cuda")
+    x[-3:].normal_()
+    x[:-3].fill_(1.0)
+    out = mk.prefix_norms(x, [d, 100], backend="triton")
+    torch.testing.assert_close(out[-3:].cpu(), norms_float64(x[-3:], [d, 100]).float(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(out[:2].cpu(), torch.tensor([[64.0, 10.0]]).expand(2, 2))
