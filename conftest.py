@@ -10,3 +10,28 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _fix_interpreter_bf16_dot():
+    """Triton 3.6's interpreter stores bf16 as raw uint16 and hands those integers to np.matmul, so every
+    bf16 tl.dot returns garbage there (compiled kernels are fine). Widen bf16 operands to fp32 first:
+    products of bf16 values are exact in fp32, so this is the arithmetic the tensor cores do."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        data = interpreter._convert_float(h.data, tl.bfloat16, tl.float32, None).view("float32")
+        return interpreter.TensorHandle(data, tl.float32)
+
+    def create_dot_bf16(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot_bf16
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_bf16_dot()

@@ -85,8 +85,17 @@ def check_dim_weights(dim_weights, n_dims: int) -> tuple[float, ...]:
     return tuple(check_finite(w, f"dim_weights[{j}]") for j, w in enumerate(dim_weights))
 
 
+def _holds(condition: torch.Tensor, message: str) -> bool:
+    """Whether a data-dependent check passed. Under torch.compile a Python branch on tensor values would
+    break the graph, so there the check becomes an assertion that fails when the graph runs."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition, message)
+        return True
+    return bool(condition)
+
+
 def check_all_finite(t: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not _holds(torch.isfinite(t).all(), f"{name} contains NaN or Inf"):
         raise ValueError(f"{name} contains NaN or Inf")
 
 
@@ -100,8 +109,7 @@ def check_labels(labels, name: str, n: int, n_classes: int, like: torch.Tensor, 
     valid = (labels >= 0) & (labels < n_classes)
     if ignore_index is not None:
         valid |= labels == ignore_index
-    if not bool(valid.all()):
-        bad = labels[~valid][0].item()
-        allowed = f"[0, {n_classes})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
-        raise ValueError(f"{name} has entry {bad} outside {allowed}")
+    allowed = f"[0, {n_classes})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
+    if not _holds(valid.all(), f"{name} has entries outside {allowed}"):
+        raise ValueError(f"{name} has entry {labels[~valid][0].item()} outside {allowed}")
     return labels.long()

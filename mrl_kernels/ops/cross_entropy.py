@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
 from .. import reference
 from ._backend import resolve_backend
+from .nested_ce_torch import acc_dtype, nested_ce_backward_torch, nested_ce_forward_torch
 from ._validation import (REDUCTIONS, check_choice, check_dim_weights, check_dims, check_finite, check_int,
                           check_labels, check_like, check_tensor)
 
-IMPLEMENTED = ("reference",)
+IMPLEMENTED = ("triton", "torch", "reference")
 
 
 def matryoshka_linear_cross_entropy(features, weight, target, dims, bias=None, dim_weights=None,
@@ -38,11 +40,41 @@ def matryoshka_linear_cross_entropy(features, weight, target, dims, bias=None, d
     label_smoothing = check_finite(label_smoothing, "label_smoothing", low=0.0, high=1.0)
     check_choice(reduction, "reduction", REDUCTIONS)
     backend = resolve_backend("matryoshka_linear_cross_entropy", backend, features.device, IMPLEMENTED)
-    return reference.nested_cross_entropy(features, weight if shared else list(weight), target, dims,
-                                          bias=bias if bias is None or shared else list(bias),
-                                          dim_weights=dim_weights, ignore_index=ignore_index,
-                                          label_smoothing=label_smoothing, reduction=reduction,
-                                          return_per_dim=return_per_dim)
+    if backend == "reference":
+        return reference.nested_cross_entropy(features, weight if shared else list(weight), target, dims,
+                                              bias=bias if bias is None or shared else list(bias),
+                                              dim_weights=dim_weights, ignore_index=ignore_index,
+                                              label_smoothing=label_smoothing, reduction=reduction,
+                                              return_per_dim=return_per_dim)
+    features, w, b = _fused_head(features, weight, bias, dims, shared)
+    losses = _nested_ce_rows(features, w, b, target, list(dims), shared, ignore_index, label_smoothing, backend)
+    if reduction == "mean":
+        # Like F.cross_entropy: divide by the non-ignored rows (0/0 = NaN when every row is ignored).
+        per_dim = losses.sum(0) / (target != ignore_index).sum()
+    else:
+        per_dim = losses.sum(0) if reduction == "sum" else losses
+    total = per_dim @ torch.tensor(dim_weights, dtype=per_dim.dtype, device=per_dim.device)
+    total = total.to(features.dtype)
+    return (total, per_dim.detach()) if return_per_dim else total
+
+
+def _fused_head(features, weight, bias, dims, shared):
+    """The layout the fused backends take: one weight matrix (the shared head, or the per-dim heads
+    concatenated along columns) and a bias of one row per head ([1, C] shared, [len(dims), C] per dim)
+    or None; all cast to the autocast dtype where autocast is on, as F.linear would be."""
+    device = features.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        cast = lambda t: t.to(dtype)  # noqa: E731
+    else:
+        cast = lambda t: t  # noqa: E731
+    if shared:
+        return cast(features), cast(weight), None if bias is None else cast(bias)[None]
+    w = torch.cat([cast(h) for h in weight], dim=1)
+    if bias is None or all(b is None for b in bias):
+        return cast(features), w, None
+    rows = [torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else cast(b) for b in bias]
+    return cast(features), w, torch.stack(rows)
 
 
 def _check_weight(weight, features, dims) -> int:
@@ -81,3 +113,64 @@ def _check_bias(bias, shared: bool, features, n_classes: int, n_dims: int) -> No
         check_like(b, name, features, "features")
         if b.shape[0] != n_classes:
             raise ValueError(f"{name} must have shape [{n_classes}], got {tuple(b.shape)}")
+
+
+def _forward(x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend):
+    if backend == "triton":
+        from ..kernels.nested_ce_forward import nested_ce_forward_triton
+
+        return nested_ce_forward_triton(x, w, bias, target, dims, shared, ignore_index, label_smoothing)
+    return nested_ce_forward_torch(x, w, bias, target, dims, shared, ignore_index, label_smoothing)
+
+
+@torch.library.custom_op("mrl_kernels::nested_ce_rows", mutates_args=())
+def _nested_ce_rows_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
+                       dims: list[int], shared: bool, ignore_index: int, label_smoothing: float,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses and LSEs [N, len(dims)] (fp32; fp64 for fp64 inputs). The LSEs are saved for backward."""
+    return _forward(x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend)
+
+
+@_nested_ce_rows_op.register_fake
+def _(x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend):
+    out = x.new_empty((x.shape[0], len(dims)), dtype=acc_dtype(x.dtype))
+    return out, torch.empty_like(out)
+
+
+@torch.library.custom_op("mrl_kernels::nested_ce_backward", mutates_args=())
+def _nested_ce_backward_op(grad_losses: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                           bias: Optional[torch.Tensor], target: torch.Tensor, lse: torch.Tensor, dims: list[int],
+                           shared: bool, ignore_index: int, label_smoothing: float,
+                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw, db); db is empty when there is no bias."""
+    args = (grad_losses, x, w, bias, target, lse, dims, shared, ignore_index, label_smoothing)
+    if backend == "triton":
+        from ..kernels.nested_ce_backward import nested_ce_backward_triton
+
+        return nested_ce_backward_triton(*args)
+    return nested_ce_backward_torch(*args)
+
+
+@_nested_ce_backward_op.register_fake
+def _(grad_losses, x, w, bias, target, lse, dims, shared, ignore_index, label_smoothing, backend):
+    return torch.empty_like(x), torch.empty_like(w), x.new_empty(0) if bias is None else torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend = inputs
+    ctx.save_for_backward(x, w, bias, target, output[1])
+    ctx.options = (dims, shared, ignore_index, label_smoothing, backend)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_losses, _grad_lse):
+    x, w, bias, target, lse = ctx.saved_tensors
+    dx, dw, db = _nested_ce_backward_op(grad_losses.contiguous(), x, w, bias, target, lse, *ctx.options)
+    return dx, dw, db if bias is not None else None, None, None, None, None, None, None
+
+
+_nested_ce_rows_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _nested_ce_rows(x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend):
+    return _nested_ce_rows_op(x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend)[0]

@@ -41,14 +41,16 @@ def segments(dims):
 
 
 def prefix_norms_torch(x: torch.Tensor, dims) -> torch.Tensor:
-    """Chunked over rows; each segment's sum of squares is reduced once and the prefixes are a cumsum
-    over segments, so no [N, D] temporary is ever built."""
+    """Each column segment's norm is reduced once (vector_norm needs no temporary for its squares) and
+    the prefixes are a cumsum of squared segment norms; chunks of rows bound the fp32 copies that 16-bit
+    inputs need."""
     acc = out_dtype(x.dtype)
     segs, order = segments(dims)
     out = torch.empty((x.shape[0], len(dims)), dtype=acc, device=x.device)
     for r in range(0, x.shape[0], ROW_CHUNK):
         chunk = x[r:r + ROW_CHUNK]
-        seg_sumsq = torch.stack([chunk[:, a:b].to(acc).square().sum(1) for a, b in segs], dim=1)
+        seg_sumsq = torch.stack([torch.linalg.vector_norm(chunk[:, a:b], dim=1, dtype=acc) for a, b in segs],
+                                dim=1).square_()
         out[r:r + ROW_CHUNK, order] = seg_sumsq.cumsum(1).sqrt()
     return out
 

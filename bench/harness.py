@@ -1,0 +1,371 @@
+"""Benchmark harness: each suite's providers are timed side by side, in one process, on one device.
+
+Timing. Warm-up first (it also absorbs compilation, autotuning and lazy initialisation), then enough
+reps to fill `Timing.rep_ms`; the median is reported. CUDA uses a pair of CUDA events around every call
+(GPU time, launch gaps inside the call included); the CPU uses time.perf_counter. When a case's inputs
+are small next to the last-level cache, a few fresh copies are rotated so that a rep does not read what
+the previous rep left in cache.
+
+Peak memory: the extra bytes allocated at the peak of one warm call, output included, inputs excluded.
+On CUDA, torch.cuda.max_memory_allocated during the call minus memory_allocated before it; this sees
+torch's caching allocator only (memory a provider takes from CuPy's own pool is not counted). On the CPU,
+the profiler's allocation events (profile_memory=True) summed in time order: the same c10 allocator bytes
+as on CUDA. Process RSS would be blurred by malloc arenas and page reuse, and tracemalloc does not see
+torch's allocations at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import gc
+import importlib
+import itertools
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+class Unavailable(Exception):
+    """A provider cannot run on this device or install; the harness records the reason and skips it."""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # unique within its suite: stored results are merged on it
+    params: dict[str, Any]  # shapes, dtype, ...: JSON-able
+    flops: float
+    bytes: float  # bytes the op must move at least: reads plus writes
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    baseline: str
+    cases: Callable[[str, bool], list[Case]]  # (device, quick) -> cases; [] if none for that device
+    make_inputs: Callable[[Case, str, int], tuple]  # (case, device, seed) -> a provider's arguments
+    providers: dict[str, Callable[[Case, str], Callable]]  # name -> (case, device) -> fn(*inputs)
+    metric: str = "GB/s"  # the throughput that matters for this op: "GB/s" or "TFLOP/s"
+
+
+@dataclass(frozen=True)
+class Timing:
+    warmup_ms: float = 100
+    rep_ms: float = 400
+    min_reps: int = 5
+    max_reps: int = 200
+    max_copies: int = 8
+
+
+METRIC_KEY = {"GB/s": "gbps", "TFLOP/s": "tflops"}  # a suite's metric -> its record field
+
+QUICK = Timing(warmup_ms=5, rep_ms=20, min_reps=3, max_reps=20, max_copies=2)
+
+SUITES: dict[str, Suite] = {}
+
+
+def register(suite: Suite) -> Suite:
+    SUITES[suite.name] = suite
+    return suite
+
+
+def suites() -> dict[str, Suite]:
+    import bench.suites  # noqa: F401  (importing registers them)
+
+    return SUITES
+
+
+def get_suite(name: str) -> Suite:
+    known = suites()
+    if name not in known:
+        raise KeyError(f"unknown suite {name!r}; known: {', '.join(sorted(known))}")
+    return known[name]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def require(module: str, attr: str | None = None):
+    """Import a provider's dependency, turning its absence into Unavailable."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise Unavailable(str(e)) from None
+    if attr is None:
+        return mod
+    if not hasattr(mod, attr):
+        raise Unavailable(f"{module}.{attr} does not exist yet")
+    return getattr(mod, attr)
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+
+
+def summarize(times_ms: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(times_ms, n=5, method="inclusive") if len(times_ms) > 1 else times_ms * 4
+    return {
+        "median_ms": statistics.median(times_ms),
+        "p20_ms": q[0],
+        "p80_ms": q[3],
+        "min_ms": min(times_ms),
+        "reps": len(times_ms),
+    }
+
+
+def add_ratios(records: list[dict], baseline: str) -> list[dict]:
+    """ratio = median / the baseline's median on the same case (below 1: faster than the baseline)."""
+    base = {r["case"]: r["median_ms"] for r in records if r["provider"] == baseline and r["status"] == "ok"}
+    for r in records:
+        if r["status"] == "ok":
+            b = base.get(r["case"])
+            r["ratio"] = r["median_ms"] / b if b else None
+    return records
+
+
+def rel_err(out, ref) -> float | None:
+    """||out - ref|| / ||ref|| in float64, so a fast but wrong provider shows up in the results."""
+    if not (isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor)):
+        return None
+    if out.shape != ref.shape:
+        raise ValueError(f"output shape {tuple(out.shape)} differs from the baseline's {tuple(ref.shape)}")
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+# ---- measurement ---------------------------------------------------------------------------------
+
+
+def _clock(device: str):
+    if device == "cuda":
+
+        def mark():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+
+        def elapsed(start, end):
+            end.synchronize()
+            return start.elapsed_time(end)
+
+        return mark, elapsed
+    return time.perf_counter, lambda start, end: (end - start) * 1e3
+
+
+def time_fn(fn: Callable, copies: list[tuple], device: str, timing: Timing) -> list[float]:
+    """Per-call times in ms, after a warm-up; calls cycle through the input copies."""
+    mark, elapsed = _clock(device)
+    args = itertools.cycle(copies)
+
+    def run(n: int) -> list[float]:
+        spans = []
+        for _ in range(n):
+            inputs = next(args)
+            start = mark()
+            fn(*inputs)
+            spans.append((start, mark()))
+        # Read CUDA events only after all calls are queued, so the GPU never waits for the host.
+        return [elapsed(start, end) for start, end in spans]
+
+    run(1)
+    estimate = max(statistics.median(run(3)), 1e-6)
+    run(min(math.ceil(timing.warmup_ms / estimate), timing.max_reps))
+    return run(min(max(math.ceil(timing.rep_ms / estimate), timing.min_reps), timing.max_reps))
+
+
+def peak_bytes(fn: Callable, inputs: tuple, device: str) -> tuple[Any, int | None]:
+    """(output, extra bytes at the peak of the call); see the module docstring."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn(*inputs)
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn(*inputs)
+    try:  # kineto's raw events carry the allocation sizes in time order; the FunctionEvent tree folds them
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        events.sort(key=lambda e: e.start_ns())
+        return out, max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+    except AttributeError:  # a torch whose profiler lacks this API: no number rather than a wrong one
+        return out, None
+
+
+def cache_bytes(device: str) -> int:
+    if device == "cuda":
+        return getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 << 20)
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))
+    return max(sizes, default=32 << 20)
+
+
+def n_copies(input_bytes: int, cache: int, max_copies: int) -> int:
+    """Enough input copies to span twice the cache, so each rep reads its inputs from memory."""
+    return max(1, min(max_copies, math.ceil(2 * cache / max(input_bytes, 1))))
+
+
+def _nbytes(inputs: tuple) -> int:
+    return sum(t.numel() * t.element_size() for t in inputs if isinstance(t, torch.Tensor))
+
+
+@functools.cache
+def ceiling(device: str, metric: str) -> float:
+    """The machine's measured ceiling for a metric, so results can be read as a fraction of it:
+    GB/s of a copy far larger than the cache (read + write), or TFLOP/s of a large matmul (bf16 on CUDA,
+    fp32 on the CPU). Measured, not the data sheet's number, which no kernel reaches."""
+    timing = Timing(warmup_ms=20, rep_ms=100, min_reps=3, max_reps=50)
+    if metric == "GB/s":
+        src = torch.empty(max(8 * cache_bytes(device), 256 << 20) // 4, device=device)
+        dst = torch.empty_like(src)
+        ms = statistics.median(time_fn(dst.copy_, [(src,)], device, timing))
+        return 2 * src.numel() * 4 / ms / 1e6
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (2048, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    ms = statistics.median(time_fn(torch.mm, [(a, a)], device, timing))
+    return 2 * n**3 / ms / 1e9
+
+
+# ---- environment ---------------------------------------------------------------------------------
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)", "", name.lower())).strip("-")
+
+
+def _version(module: str) -> str | None:
+    try:
+        return importlib.import_module(module).__version__
+    except Exception:  # absent or broken: either way there is no version to record
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout.strip() or None
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Stored with every record: results from different runs and machines stay comparable."""
+    return {
+        "device": device_name(device),
+        "device_type": device,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": _version("triton"),
+            "cupy": _version("cupy"),
+            "mrl_kernels": _version("mrl_kernels"),
+        },
+        "threads": torch.get_num_threads(),
+        # Other work on the machine skews CPU timings most: keep a trace of it.
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "git": _git_commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---- running -------------------------------------------------------------------------------------
+
+
+def build(suite: Suite, case: Case, provider: str, device: str) -> Callable:
+    """The provider's callable; raises Unavailable when it cannot run here."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise Unavailable("CUDA is not available")
+    return suite.providers[provider](case, device)
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:300]
+
+
+def run_case(suite: Suite, case: Case, device: str, timing: Timing, env: dict) -> list[dict]:
+    inputs = suite.make_inputs(case, device, 0)
+    copies = [inputs] + [suite.make_inputs(case, device, seed)
+                         for seed in range(1, n_copies(_nbytes(inputs), cache_bytes(device), timing.max_copies))]
+    ref, records = None, []
+    for name in [suite.baseline] + [p for p in suite.providers if p != suite.baseline]:
+        rec = {"case": case.name, "provider": name, "params": case.params, "flops": case.flops,
+               "bytes": case.bytes, "status": "ok", **env, "timing": dataclasses.asdict(timing)}
+        try:
+            fn = build(suite, case, name, device)
+            rec.update(summarize(time_fn(fn, copies, device, timing)))
+            # Measured after timing, so one-off compile or autotuning buffers do not count.
+            out, peak = peak_bytes(fn, inputs, device)
+            ref = out if name == suite.baseline else ref
+            seconds = rec["median_ms"] * 1e-3
+            rec.update(peak_mb=None if peak is None else peak / 2**20, rel_err=rel_err(out, ref),
+                       gbps=case.bytes / seconds / 1e9, tflops=case.flops / seconds / 1e12)
+            rec["of_ceiling"] = rec[METRIC_KEY[suite.metric]] / env["ceiling"][suite.metric]
+        except (Unavailable, NotImplementedError) as e:
+            rec.update(status="skipped", reason=_reason(e))
+        except Exception as e:  # one broken provider must not hide the others' numbers
+            rec.update(status="error", reason=_reason(e))
+        fn = out = None
+        _free(device)
+        records.append(rec)
+    return records
+
+
+def pytest_benchmark(benchmark, suite: Suite, case: Case, provider: str, device: str) -> None:
+    """One (case, provider) under pytest-benchmark's `benchmark` fixture; skips a provider that cannot run."""
+    import pytest
+
+    inputs = suite.make_inputs(case, device, 0)
+    try:
+        fn = build(suite, case, provider, device)
+        fn(*inputs)  # compile and autotune outside the timed rounds
+    except (Unavailable, NotImplementedError) as e:
+        pytest.skip(_reason(e))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def call():
+        fn(*inputs)
+        sync()  # pytest-benchmark reads a wall clock: wait for the GPU to finish
+
+    benchmark.extra_info.update(case=case.name, params=case.params, flops=case.flops, bytes=case.bytes,
+                                device=device_name(device))
+    benchmark(call)
+
+
+def run_suite(suite: Suite, device: str, quick: bool = False, timing: Timing | None = None) -> list[dict]:
+    timing = timing or (QUICK if quick else Timing())
+    env = environment(device)
+    env["ceiling"] = {suite.metric: ceiling(device, suite.metric)}
+    records = []
+    for case in suite.cases(device, quick):
+        records += run_case(suite, case, device, timing, env)
+        _free(device)
+    return add_ratios(records, suite.baseline)

@@ -1,0 +1,180 @@
+"""Fused nested linear cross-entropy (torch fallback and Triton kernels) against the float64 eager loop."""
+import pytest
+import torch
+from helpers import TOL, rel_error
+
+import mrl_kernels as mk
+from mrl_kernels import reference
+from mrl_kernels.kernels.nested_ce_forward import lse_partials
+
+N, C, D = 37, 101, 70
+DIMS = [(3, 17, 70), (17, 3, 70), (70,), (1, 2)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_inputs(dims, shared, with_bias, dtype, device, n=N, c=C, ignore_index=-100, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    x = rand(n, D)
+    if shared:
+        w = rand(c, D) / D**0.5
+        b = rand(c) if with_bias else None
+    else:
+        w = [rand(c, m) / m**0.5 for m in dims]
+        b = [rand(c), None] + [rand(c)] * (len(dims) - 2) if with_bias else None
+        b = b[:len(dims)] if b else b
+    t = torch.randint(0, c, (n,), generator=g)
+    t[::6] = ignore_index
+    return x, w, b, t.to(device)
+
+
+def leaves(x, w, b):
+    ws = [w] if isinstance(w, torch.Tensor) else list(w)
+    bs = [] if b is None else [b] if isinstance(b, torch.Tensor) else [v for v in b if v is not None]
+    return [x, *ws, *bs]
+
+
+def float64(t):
+    if isinstance(t, (list, tuple)):
+        return [None if v is None else float64(v) for v in t]
+    return None if t is None else t.detach().cpu().double().requires_grad_()
+
+
+def check(backend, dims, shared, with_bias, dtype, device, **options):
+    x, w, b, t = make_inputs(dims, shared, with_bias, dtype, device, ignore_index=options.get("ignore_index", -100))
+    params = leaves(x, w, b)
+    for p in params:
+        p.requires_grad_()
+    out = mk.matryoshka_linear_cross_entropy(x, w, t, dims, bias=b, backend=backend, **options)
+    x64, w64, b64 = float64(x), float64(w), float64(b)
+    ref = reference.nested_cross_entropy(x64, w64, t.cpu(), dims, bias=b64, **options)
+    if options.get("return_per_dim"):
+        (out, per_dim), (ref, ref_per_dim) = out, ref
+        assert per_dim.shape == ref_per_dim.shape and not per_dim.requires_grad
+        assert rel_error(per_dim, ref_per_dim) < TOL[dtype]
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert rel_error(out, ref) < TOL[dtype]
+    upstream = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * upstream.to(out.device)).sum(), params)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), leaves(x64, w64, b64))
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype and rel_error(g, r) < TOL[dtype] * 2
+
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", DIMS)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_dim"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_matches_float64(backend, dims, shared, with_bias, kernel_device):
+    device = kernel_device if backend == "triton" else "cpu"
+    check(backend, dims, shared, with_bias, torch.float32, device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_dim"])
+def test_16_bit(backend, dtype, shared, kernel_device):
+    device = kernel_device if backend == "triton" else "cpu"
+    check(backend, (17, 3, 70), shared, True, dtype, device, label_smoothing=0.1)
+
+
+OPTIONS = [
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(reduction="none", return_per_dim=True),
+    dict(return_per_dim=True, dim_weights=[0.5, 2.0, 1.0]),
+    dict(label_smoothing=0.1, ignore_index=7),
+    dict(label_smoothing=0.2, reduction="sum", dim_weights=[1.0, 0.0, 3.0]),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_dim"])
+def test_options(backend, options, shared, kernel_device):
+    device = kernel_device if backend == "triton" else "cpu"
+    check(backend, (17, 3, 70), shared, True, torch.float32, device, **options)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_dim"])
+def test_class_splits_combine_exactly(kernel_device, shared):
+    """Partials of several class splits combine to the one-split result; every output is written."""
+    dims = (17, 3, 70)
+    x, w, b, t = make_inputs(dims, shared, True, torch.float32, kernel_device, c=301, seed=0)
+    w = w if shared else torch.cat(w, 1)
+    b = b[None] if shared else torch.stack([torch.zeros(301) if v is None else v for v in b]).to(kernel_device)
+    for splits in (1, 3):
+        part = lse_partials(x, w, b, t, dims, shared, 0.1, splits=splits)
+        poisoned = torch.full_like(part, float("nan"))
+        lse_partials(x, w, b, t, dims, shared, 0.1, splits=splits, out=poisoned)
+        assert torch.equal(part[..., :3], poisoned[..., :3]) and part.shape[0] == splits
+    one = mk.matryoshka_linear_cross_entropy(x, w if shared else list(torch.split(w, dims, 1)), t, dims,
+                                             backend="triton", reduction="none")
+    ref = mk.matryoshka_linear_cross_entropy(x.double(), (w if shared else list(torch.split(w, dims, 1))).double()
+                                             if shared else [v.double() for v in torch.split(w, dims, 1)],
+                                             t, dims, backend="torch", reduction="none")
+    assert rel_error(one, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates(backend, kernel_device):
+    device = kernel_device if backend == "triton" else "cpu"
+    x, w, b, t = make_inputs((3, 17, 70), True, True, torch.float32, device, seed=1)
+    x[4, 10] = float("nan")
+    t[4] = 0
+    per_row = mk.matryoshka_linear_cross_entropy(x, w, t, (3, 17, 70), bias=b, reduction="none", backend=backend,
+                                                 return_per_dim=True)[1].cpu()
+    assert per_row[4, 0].isfinite() and per_row[4, 1:].isnan().all()
+    assert mk.matryoshka_linear_cross_entropy(x, w, t, (3, 17, 70), bias=b, backend=backend).isnan()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored_is_nan_like_torch(backend, kernel_device):
+    device = kernel_device if backend == "triton" else "cpu"
+    x, w, b, t = make_inputs((3, 70), True, False, torch.float32, device, seed=2)
+    t[:] = -100
+    assert mk.matryoshka_linear_cross_entropy(x, w, t, (3, 70), backend=backend).isnan()
+    assert mk.matryoshka_linear_cross_entropy(x, w, t, (3, 70), backend=backend, reduction="sum") == 0
+
+
+def test_auto_picks_torch_on_cpu(monkeypatch):
+    from mrl_kernels.ops import cross_entropy
+
+    calls = []
+    forward = cross_entropy.nested_ce_forward_torch
+    monkeypatch.setattr(cross_entropy, "nested_ce_forward_torch", lambda *a: calls.append(a) or forward(*a))
+    x, w, b, t = make_inputs((3, 70), True, False, torch.float32, "cpu", seed=3)
+    mk.matryoshka_linear_cross_entropy(x, w, t, (3, 70))
+    assert len(calls) == 1
+
+
+def test_autocast_runs_in_low_precision():
+    x, w, b, t = make_inputs((17, 3, 70), True, True, torch.float32, "cpu", seed=4)
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mk.matryoshka_linear_cross_entropy(x, w, t, (17, 3, 70), bias=b, backend="torch")
+    ref = reference.nested_cross_entropy(float64(x.bfloat16()), float64(w.bfloat16()), t, (17, 3, 70),
+                                         bias=float64(b.bfloat16()))
+    assert out.dtype == torch.bfloat16 and rel_error(out, ref) < 1e-2
+    out.backward()
+    assert x.grad.dtype == torch.float32 and x.grad.isfinite().all()
+
+
+def test_torch_compile_fullgraph():
+    x, w, b, t = make_inputs((17, 3, 70), True, True, torch.float32, "cpu", seed=5)
+    w.requires_grad_()
+
+    def loss_fn(x, w, b, t):
+        return mk.matryoshka_linear_cross_entropy(x, w, t, (17, 3, 70), bias=b, label_smoothing=0.1)
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    out = compiled(x, w, b, t)
+    (g,) = torch.autograd.grad(out, w)
+    want = loss_fn(x, w, b, t)
+    (g_want,) = torch.autograd.grad(want, w)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(g, g_want)
