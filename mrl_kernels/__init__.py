@@ -5,6 +5,7 @@ Public API: the losses for every nesting dim in one call, prefix norms and trunc
 """
 from . import reference
 from .ops import matryoshka_contrastive_loss, matryoshka_linear_cross_entropy, prefix_norms, prefix_topk
+from . import nn
 
 __version__ = "0.1.0"
 
@@ -12,6 +13,7 @@ __all__ = [
     "__version__",
     "matryoshka_contrastive_loss",
     "matryoshka_linear_cross_entropy",
+    "nn",
     "prefix_norms",
     "prefix_topk",
     "reference",

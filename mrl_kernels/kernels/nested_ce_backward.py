@@ -2,9 +2,10 @@
 
 With D_j = dL/dlogits_j = coef_j (softmax_j - onehot), feature segment s = [m_{s-1}, m_s) feeds every
 logits_j with j >= s, so its gradient is G_s = sum_{j>=s} D_j: dx[:, seg] = G_s W[:, seg],
-dW[:, seg] = G_s^T x[:, seg]. Shared head: recompute the full logits tile, then walk the segments from
-last to first, adding D_s to G and subtracting the segment's partial product to step back to the
-previous boundary's logits. Per-dim heads: one product per dim, no sharing. Tiles of different
+dW[:, seg] = G_s^T x[:, seg]. For each group of chunks sharing an accumulator (see chunk_table), the
+program recomputes the logits tile over the group, then walks its chunks from last to first: where a
+chunk ends at a nesting boundary it adds that dim's D_j to G, then adds the chunk's dx and dW, and (shared
+head) subtracts the chunk's product to step back to the previous boundary's logits. Tiles of different
 programs meet in dx and dW, which are accumulated in fp32 with atomic adds.
 """
 import torch
@@ -13,7 +14,7 @@ import triton.language as tl
 
 from .aot import pointer
 from .indexing import row_offsets
-from .nested_ce_forward import LOG2E, head_logits, kernel_args, launch_config
+from .nested_ce_forward import CHUNK_FIELDS, LOG2E, aot_launches, chunk_product, chunk_table, launch_config
 
 
 @triton.jit
@@ -25,29 +26,10 @@ def softmax_grad(z, lse, coef, cls, ok, target, smoothing, n_classes):
 
 
 @triton.jit
-def add_segment_grads(grad, x_rows, w_rows, dx_rows, dw_rows, row_ok, cls_ok, k_start, k_end, w_col0,
-                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """dx[rows, k] += grad @ W[cls, w_col0 + k]; dW[cls, w_col0 + k] += grad^T @ x[rows, k] over the
-    segment's columns k."""
-    g = grad.to(x_rows.dtype.element_ty)
-    for k in tl.range(k_start, k_end, BLOCK_K):
-        cols = k + tl.arange(0, BLOCK_K)
-        col_ok = cols < k_end
-        xt = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        wt = tl.load(w_rows + (w_col0 + cols)[None, :], mask=cls_ok[:, None] & col_ok[None, :], other=0.0)
-        tl.atomic_add(dx_rows + cols[None, :], tl.dot(g, wt, input_precision=PRECISION),
-                      mask=row_ok[:, None] & col_ok[None, :])
-        tl.atomic_add(dw_rows + (w_col0 + cols)[None, :], tl.dot(tl.trans(g), xt, input_precision=PRECISION),
-                      mask=cls_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
 def nested_ce_backward_kernel(
-    X, W, BIAS, TARGET, LSE, COEF, DX, DW, DB,
-    n_rows, n_classes, stride_x, stride_w, stride_bias, smoothing,
-    NEST: tl.constexpr, ORDER: tl.constexpr, OFFSETS: tl.constexpr,  # as in the forward kernel
-    SHARED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    J_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    X, W, BIAS, TARGET, LSE, COEF, DX, DW, DB, CHUNKS, GROUPS,
+    n_rows, n_classes, n_dims, n_groups, stride_x, stride_w, stride_bias, smoothing,
+    SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, K_ALIGN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,50 +39,49 @@ def nested_ce_backward_kernel(
     ok = row_ok[:, None] & cls_ok[None, :]
     target = tl.load(TARGET + rows, mask=row_ok, other=-1)
     x_rows = X + row_offsets(rows, stride_x)[:, None]
-    w_rows = W + row_offsets(cls, stride_w)[:, None]    # [BLOCK_N, 1]: W tiles as [classes, k]
-    w_cols = W + row_offsets(cls, stride_w)[None, :]    # [1, BLOCK_N]: W tiles as [k, classes]
-    dx_rows = DX + row_offsets(rows, stride_x)[:, None]  # dx and dW are contiguous fp32 copies of x and W
+    w_rows = W + row_offsets(cls, stride_w)[:, None]
+    dx_rows = DX + row_offsets(rows, stride_x)[:, None]  # dx and dW are fp32 with x's and W's strides
     dw_rows = DW + row_offsets(cls, stride_w)[:, None]
-    stats = row_offsets(rows, len(NEST))                 # LSE and COEF are [n_rows, len(dims)]
-    n_dims: tl.constexpr = len(NEST)
-    if SHARED:
-        acc = head_logits(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), x_rows, w_cols, row_ok, cls_ok, 0,
-                          NEST[n_dims - 1], 0, BLOCK_K, PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
+    stats = row_offsets(rows, n_dims)                     # LSE and COEF are [n_rows, n_dims]
+    for group in range(n_groups):
+        first = tl.load(GROUPS + group)
+        end = tl.load(GROUPS + group + 1)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for chunk in range(first, end):
+            acc, _, _, _, _, _ = chunk_product(acc, x_rows, w_rows, row_ok, cls_ok, CHUNKS, chunk, 1.0, K_ALIGN,
+                                               BLOCK_K, PRECISION)
         grad = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for step in tl.static_range(n_dims):  # segments from last to first
-            lse = tl.load(LSE + stats + ORDER[n_dims - 1 - step], mask=row_ok, other=0.0)
-            coef = tl.load(COEF + stats + ORDER[n_dims - 1 - step], mask=row_ok, other=0.0)
-            grad += softmax_grad(acc, lse, coef, cls, ok, target, smoothing, n_classes)
-            seg_start = 0 if step == n_dims - 1 else NEST[n_dims - 2 - step]
-            add_segment_grads(grad, x_rows, w_rows, dx_rows, dw_rows, row_ok, cls_ok, seg_start,
-                              NEST[n_dims - 1 - step], 0, BLOCK_K, PRECISION)
-            if step < n_dims - 1:  # step back to the previous boundary's logits
-                acc = head_logits(acc, x_rows, w_cols, row_ok, cls_ok, seg_start, NEST[n_dims - 1 - step],
-                                  0, BLOCK_K, PRECISION, SIGN=-1.0)
-        if HAS_BIAS:
-            tl.atomic_add(DB + cls, tl.sum(grad, axis=0), mask=cls_ok)
-    else:
-        for j in tl.static_range(n_dims):
-            z = head_logits(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), x_rows, w_cols, row_ok, cls_ok, 0,
-                            NEST[j], OFFSETS[ORDER[j]], BLOCK_K, PRECISION)
-            if HAS_BIAS:
-                z += tl.load(BIAS + ORDER[j] * stride_bias + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
-            lse = tl.load(LSE + stats + ORDER[j], mask=row_ok, other=0.0)
-            coef = tl.load(COEF + stats + ORDER[j], mask=row_ok, other=0.0)
-            d = softmax_grad(z, lse, coef, cls, ok, target, smoothing, n_classes)
-            add_segment_grads(d, x_rows, w_rows, dx_rows, dw_rows, row_ok, cls_ok, 0, NEST[j], OFFSETS[ORDER[j]],
-                              BLOCK_K, PRECISION)
-            if HAS_BIAS:
-                tl.atomic_add(DB + ORDER[j] * stride_bias + cls, tl.sum(d, axis=0), mask=cls_ok)
+        for back in range(end - first):
+            chunk = end - 1 - back
+            dim = tl.load(CHUNKS + chunk * CHUNK_FIELDS + 3)
+            if dim >= 0:  # acc holds logits_dim: add D_dim to the segment gradient
+                z = acc
+                bias_row = (0 if SHARED else dim) * stride_bias
+                if HAS_BIAS:
+                    z += tl.load(BIAS + bias_row + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
+                lse = tl.load(LSE + stats + dim, mask=row_ok, other=0.0)
+                coef = tl.load(COEF + stats + dim, mask=row_ok, other=0.0)
+                d = softmax_grad(z, lse, coef, cls, ok, target, smoothing, n_classes)
+                grad += d
+                if HAS_BIAS:
+                    tl.atomic_add(DB + bias_row + cls, tl.sum(d, axis=0), mask=cls_ok)
+            # The chunk's product leaves acc (shared head: step back a chunk) and gives its x and W tiles.
+            acc, xt, wt, cols, col_ok, w_shift = chunk_product(acc, x_rows, w_rows, row_ok, cls_ok, CHUNKS, chunk,
+                                                               -1.0, K_ALIGN, BLOCK_K, PRECISION)
+            g = grad.to(xt.dtype)
+            tl.atomic_add(dx_rows + cols[None, :], tl.dot(g, wt, input_precision=PRECISION),
+                          mask=row_ok[:, None] & col_ok[None, :])
+            tl.atomic_add(dw_rows + (w_shift + cols)[None, :], tl.dot(tl.trans(g), xt, input_precision=PRECISION),
+                          mask=cls_ok[:, None] & col_ok[None, :])
 
 
 def nested_ce_backward_triton(grad_losses, x, w, bias, target, lse, dims, shared, ignore_index, label_smoothing):
     """(dx, dw, db) for the per-row losses' upstream gradient [N, len(dims)]; db is empty without bias."""
     x, w = x.contiguous(), w.contiguous()
     n_rows, n_classes = x.shape[0], w.shape[0]
-    cfg = launch_config(x.dtype)
+    cfg = launch_config(x.dtype, backward=True)
+    chunks, groups, k_align = chunk_table(dims, shared, cfg["BLOCK_K"], x.device)
+    groups = torch.tensor(groups, dtype=torch.int32, device=x.device)
     coef = (grad_losses.float() * (target != ignore_index)[:, None]).contiguous()
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device)
@@ -108,6 +89,17 @@ def nested_ce_backward_triton(grad_losses, x, w, bias, target, lse, dims, shared
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), triton.cdiv(n_classes, cfg["BLOCK_N"]))
     nested_ce_backward_kernel[grid](
         x, w, bias if bias is not None else w, target, lse.contiguous(), coef, dx, dw, db if bias is not None else dw,
-        n_rows, n_classes, x.stride(0), w.stride(0), bias.stride(0) if bias is not None else 0, float(label_smoothing),
-        SHARED=shared, HAS_BIAS=bias is not None, **kernel_args(dims, shared), **cfg)
+        chunks, groups, n_rows, n_classes, len(dims), groups.numel() - 1, x.stride(0), w.stride(0),
+        bias.stride(0) if bias is not None else 0, float(label_smoothing),
+        SHARED=shared, HAS_BIAS=bias is not None, K_ALIGN=k_align, **cfg)
     return dx.to(x.dtype), dw.to(w.dtype), db.to(bias.dtype) if bias is not None else db
+
+
+def aot_specs():
+    for label, dtype, constexprs, options in aot_launches(backward=True):
+        signature = {"X": pointer(dtype), "W": pointer(dtype), "BIAS": pointer(dtype), "TARGET": "*i64",
+                     "LSE": "*fp32", "COEF": "*fp32", "DX": "*fp32", "DW": "*fp32", "DB": "*fp32", "CHUNKS": "*i32",
+                     "GROUPS": "*i32", "n_rows": "i32", "n_classes": "i32", "n_dims": "i32", "n_groups": "i32",
+                     "stride_x": "i32", "stride_w": "i32", "stride_bias": "i32", "smoothing": "fp32"}
+        signature.update({name: "constexpr" for name in constexprs})
+        yield label, nested_ce_backward_kernel, signature, constexprs, options

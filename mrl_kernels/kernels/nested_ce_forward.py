@@ -1,52 +1,51 @@
 """Forward of the nested linear cross-entropy: every dim's log-sum-exp in one walk over the features.
 
 A program owns BLOCK_M rows and one split of the classes. For each class tile it walks the feature
-dim once (shared head: logits_j are the running partial sums, so the tile's accumulator is folded into
-dim j's online log-sum-exp at each nesting boundary m_j; per-dim heads: one product per dim), so no
-logits ever reach memory. Splits write partial (max, sum of exps, target logit, logit sum) per row and
-dim, combined afterwards in a fixed order: deterministic, no locks.
+dim once, one chunk of at most BLOCK_K columns per tl.dot. The chunks come from a small table
+(`chunk_table`) that cuts the columns at every nesting boundary, so with a shared head the running
+accumulator equals logits_j exactly when a chunk ends at m_j, and is folded there into dim j's online
+log-sum-exp; per-dim heads restart the accumulator after each fold. No logits reach memory. The fold
+state (max, sum of exps, target logit, logit sum per row and dim) lives in the split's slice of the
+output, and splits are combined afterwards in a fixed order: deterministic, no locks.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .aot import pointer
+from .aot import pointer, split_launch_options
 from .indexing import row_offsets
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)); exp2 is the fast hardware unit
+# Columns of the chunk table: first column, end column, first weight column, and the caller's index of
+# the dim whose logits are complete at the chunk's end (-1 where none is).
+CHUNK_FIELDS = tl.constexpr(4)
 
 
 @triton.jit
-def select_col(state, jcol, j):
-    """Column j of a [BLOCK_M, J_PAD] state tensor (Triton cannot index a register tensor)."""
-    return tl.sum(tl.where(jcol == j, state, 0.0), axis=1)
-
-
-@triton.jit
-def head_logits(acc, x_rows, w_cols, row_ok, cls_ok, k_start, k_end, w_col0,
-                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SIGN: tl.constexpr = 1.0):
-    """acc + SIGN * x[rows, k_start:k_end] @ W[cls, w_col0 + (k_start:k_end)]^T, in fp32."""
-    for k in tl.range(k_start, k_end, BLOCK_K):
-        cols = k + tl.arange(0, BLOCK_K)
-        col_ok = cols < k_end
-        xt = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        wt = tl.load(w_cols + (w_col0 + cols)[:, None], mask=col_ok[:, None] & cls_ok[None, :], other=0.0)
-        if SIGN > 0:
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        else:
-            acc -= tl.dot(xt, wt, input_precision=PRECISION)
-    return acc
+def chunk_product(acc, x_rows, w_rows, row_ok, cls_ok, CHUNKS, chunk, SIGN: tl.constexpr,
+                  K_ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + SIGN * x[rows, k0:k1] @ W[cls, w0 + (k0:k1)]^T for chunk (k0, k1, w0) of the table.
+    Also returns the loaded x and W tiles, which the backward reuses."""
+    k0 = tl.multiple_of(tl.load(CHUNKS + chunk * CHUNK_FIELDS), K_ALIGN)
+    k1 = tl.load(CHUNKS + chunk * CHUNK_FIELDS + 1)
+    w0 = tl.multiple_of(tl.load(CHUNKS + chunk * CHUNK_FIELDS + 2), K_ALIGN)
+    cols = k0 + tl.arange(0, BLOCK_K)
+    col_ok = cols < k1
+    xt = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    wt = tl.load(w_rows + (w0 - k0 + cols)[None, :], mask=cls_ok[:, None] & col_ok[None, :], other=0.0)
+    if SIGN > 0:
+        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+    else:
+        acc -= tl.dot(xt, tl.trans(wt), input_precision=PRECISION)
+    return acc, xt, wt, cols, col_ok, w0 - k0
 
 
 @triton.jit
 def nested_lse_forward_kernel(
-    X, W, BIAS, TARGET, PART,
-    n_rows, n_classes, classes_per_split, stride_x, stride_w, stride_bias, stride_part,
-    NEST: tl.constexpr,       # nesting dims, ascending
-    ORDER: tl.constexpr,      # caller's index of each entry of NEST (its output column and head row)
-    OFFSETS: tl.constexpr,    # first weight column of each dim's head (per-dim heads), caller's order
+    X, W, BIAS, TARGET, PART, CHUNKS,
+    n_rows, n_classes, n_dims, n_chunks, classes_per_split, stride_x, stride_w, stride_bias, stride_part,
     SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, SMOOTHING: tl.constexpr,
-    J_PAD: tl.constexpr,      # len(NEST) rounded up to a power of two: width of the per-dim state
+    K_ALIGN: tl.constexpr,    # every chunk start is a multiple of this: lets loads be vectorized
     PRECISION: tl.constexpr,  # tl.dot precision: "ieee" keeps fp32 inputs exact, else tensor cores
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -54,64 +53,80 @@ def nested_lse_forward_kernel(
     row_ok = rows < n_rows
     x_rows = X + row_offsets(rows, stride_x)[:, None]
     target = tl.load(TARGET + rows, mask=row_ok, other=-1)
-    jcol = tl.arange(0, J_PAD)[None, :]
-    run_max = tl.full([BLOCK_M, J_PAD], float("-inf"), tl.float32)
-    run_sum = tl.zeros([BLOCK_M, J_PAD], tl.float32)
-    tgt_logit = tl.zeros([BLOCK_M, J_PAD], tl.float32)
-    logit_sum = tl.zeros([BLOCK_M, J_PAD], tl.float32)
+    # PART is [splits, 4, n_rows, n_dims]: this program's rows of its split, per dim (initialised by the host).
+    state = PART + tl.program_id(1).to(tl.int64) * 4 * stride_part + row_offsets(rows, n_dims)
     # A loop bound taken from program_id breaks the interpreter, so every split walks classes_per_split
     # (whole tiles) and the tail of the last split is masked.
     c_begin = tl.program_id(1) * classes_per_split
     for c0 in range(0, classes_per_split, BLOCK_N):
         cls = c_begin + c0 + tl.arange(0, BLOCK_N)
         cls_ok = cls < n_classes
-        w_cols = W + row_offsets(cls, stride_w)[None, :]
+        w_rows = W + row_offsets(cls, stride_w)[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for j in tl.static_range(len(NEST)):
-            if SHARED:  # continue the running sum from the previous boundary
-                acc = head_logits(acc, x_rows, w_cols, row_ok, cls_ok, 0 if j == 0 else NEST[j - 1], NEST[j], 0,
-                                  BLOCK_K, PRECISION)
+        for chunk in range(n_chunks):
+            acc, _, _, _, _, _ = chunk_product(acc, x_rows, w_rows, row_ok, cls_ok, CHUNKS, chunk, 1.0, K_ALIGN,
+                                               BLOCK_K, PRECISION)
+            dim = tl.load(CHUNKS + chunk * CHUNK_FIELDS + 3)
+            if dim >= 0:
                 z = acc
-            else:
-                z = head_logits(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), x_rows, w_cols, row_ok, cls_ok, 0,
-                                NEST[j], OFFSETS[ORDER[j]], BLOCK_K, PRECISION)
-            if HAS_BIAS:
-                bias_row = BIAS + (0 if SHARED else ORDER[j]) * stride_bias
-                z += tl.load(bias_row + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
-            z = tl.where(cls_ok[None, :], z, float("-inf"))
-            col = jcol == ORDER[j]
-            old_max = select_col(run_max, jcol, ORDER[j])
-            new_max = tl.maximum(old_max, tl.max(z, axis=1))
-            tile_sum = tl.sum(tl.exp2((z - new_max[:, None]) * LOG2E), axis=1)
-            new_sum = select_col(run_sum, jcol, ORDER[j]) * tl.exp2((old_max - new_max) * LOG2E)
-            run_max = tl.where(col, new_max[:, None], run_max)
-            run_sum = tl.where(col, (new_sum + tile_sum)[:, None], run_sum)
-            hit = (cls[None, :] == target[:, None]) & cls_ok[None, :]
-            tgt_logit += tl.where(col, tl.sum(tl.where(hit, z, 0.0), axis=1)[:, None], 0.0)
-            if SMOOTHING:
-                logit_sum += tl.where(col, tl.sum(tl.where(cls_ok[None, :], z, 0.0), axis=1)[:, None], 0.0)
-    # PART is [splits, 4, n_rows, J_PAD] fp32; padding columns are written and ignored.
-    part = PART + tl.program_id(1).to(tl.int64) * 4 * stride_part + row_offsets(rows, J_PAD)[:, None] + jcol
-    tl.store(part, run_max, mask=row_ok[:, None])
-    tl.store(part + stride_part, run_sum, mask=row_ok[:, None])
-    tl.store(part + 2 * stride_part, tgt_logit, mask=row_ok[:, None])
-    tl.store(part + 3 * stride_part, logit_sum, mask=row_ok[:, None])
+                if HAS_BIAS:
+                    bias = BIAS + (0 if SHARED else dim) * stride_bias + cls
+                    z += tl.load(bias, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
+                z = tl.where(cls_ok[None, :], z, float("-inf"))
+                old_max = tl.load(state + dim, mask=row_ok, other=0.0)
+                new_max = tl.maximum(old_max, tl.max(z, axis=1))
+                tile_sum = tl.sum(tl.exp2((z - new_max[:, None]) * LOG2E), axis=1)
+                old_sum = tl.load(state + stride_part + dim, mask=row_ok, other=0.0)
+                tl.store(state + dim, new_max, mask=row_ok)
+                tl.store(state + stride_part + dim, old_sum * tl.exp2((old_max - new_max) * LOG2E) + tile_sum,
+                         mask=row_ok)
+                hit = (cls[None, :] == target[:, None]) & cls_ok[None, :]
+                tgt = tl.load(state + 2 * stride_part + dim, mask=row_ok, other=0.0)
+                tl.store(state + 2 * stride_part + dim, tgt + tl.sum(tl.where(hit, z, 0.0), axis=1), mask=row_ok)
+                if SMOOTHING:
+                    total = tl.load(state + 3 * stride_part + dim, mask=row_ok, other=0.0)
+                    tile_total = tl.sum(tl.where(cls_ok[None, :], z, 0.0), axis=1)
+                    tl.store(state + 3 * stride_part + dim, total + tile_total, mask=row_ok)
+                if not SHARED:  # the next chunk starts the next dim's head
+                    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
 
 
-def kernel_args(dims, shared: bool):
-    """Constexprs for a dims list in the caller's order: NEST (ascending), ORDER, OFFSETS, J_PAD."""
-    order = tuple(sorted(range(len(dims)), key=lambda j: dims[j]))
-    offsets = tuple(sum(dims[:j]) for j in range(len(dims))) if not shared else (0,) * len(dims)
-    return {"NEST": tuple(dims[j] for j in order), "ORDER": order, "OFFSETS": offsets,
-            "J_PAD": triton.next_power_of_2(len(dims))}
+def chunk_table(dims, shared: bool, block_k: int, device) -> tuple[torch.Tensor, list[int], int]:
+    """(int32 [n_chunks, 4] table, group starts, K_ALIGN). A group is a run of chunks that share one
+    accumulator: all of them for a shared head, one per dim for per-dim heads (whose weights are
+    concatenated along columns in the caller's order)."""
+    order = sorted(range(len(dims)), key=lambda j: dims[j])
+    rows, groups = [], []
+    if shared:
+        groups.append(0)
+        k = 0
+        for j in order:
+            while k < dims[j]:
+                end = min(k + block_k, dims[j])
+                rows.append((k, end, k, j if end == dims[j] else -1))
+                k = end
+    else:
+        offsets = [sum(dims[:j]) for j in range(len(dims))]
+        for j in order:
+            groups.append(len(rows))
+            for k in range(0, dims[j], block_k):
+                end = min(k + block_k, dims[j])
+                rows.append((k, end, offsets[j] + k, j if end == dims[j] else -1))
+    groups.append(len(rows))
+    starts = [v for r in rows for v in (r[0], r[2])]
+    k_align = 16
+    while any(v % k_align for v in starts):
+        k_align //= 2
+    return torch.tensor(rows, dtype=torch.int32, device=device), groups, k_align
 
 
-def launch_config(dtype: torch.dtype) -> dict:
-    """Tiles for a launch; the AOT compile test compiles exactly these.
-    128 classes x 64 rows per tile; K steps of 64 (16-bit) or 32 (fp32, twice the bytes per element)
-    keep each pipeline stage at 24 KB of shared memory."""
-    block_k = 32 if dtype == torch.float32 else 64
-    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 3,
+def launch_config(dtype: torch.dtype, backward: bool = False) -> dict:
+    """Tiles for a launch; the AOT compile test compiles exactly these. Chunks of 32 columns; 64 rows x 128
+    classes for 16-bit forward tiles, 64 x 64 where the fp32 forward or the backward (which holds the
+    logits and the gradient tile at once) would otherwise run out of registers (see the AOT report).
+    The chunk loads are indirect (from the chunk table), so the loop is not software-pipelined."""
+    block_n = 128 if dtype != torch.float32 and not backward else 64
+    return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": 32, "num_warps": 8, "num_stages": 1,
             "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
 
 
@@ -123,27 +138,24 @@ def class_splits(n_rows: int, n_classes: int, block_m: int, block_n: int, device
     return max(1, min(triton.cdiv(2 * sms, triton.cdiv(n_rows, block_m)), triton.cdiv(n_classes, block_n)))
 
 
-def lse_partials(x, w, bias, target, dims, shared, label_smoothing, splits=None, out=None):
-    """Runs the kernel: [splits, 4, N, J_PAD] fp32 partials (max, sum of exps, target logit, logit sum)
-    per class split, row and dim (caller's order). `splits` overrides the number of class splits; `out`
-    is a buffer of that shape to write into."""
+def lse_partials(x, w, bias, target, dims, shared, label_smoothing, splits=None):
+    """Runs the kernel: [splits, 4, N, len(dims)] fp32 partials (max, sum of exps, target logit, logit
+    sum) per class split, row and dim (caller's order). `splits` overrides the number of class splits."""
     n_rows, n_classes = x.shape[0], w.shape[0]
     cfg = launch_config(x.dtype)
-    consts = kernel_args(dims, shared)
+    chunks, _, k_align = chunk_table(dims, shared, cfg["BLOCK_K"], x.device)
     splits = splits or class_splits(n_rows, n_classes, cfg["BLOCK_M"], cfg["BLOCK_N"], x.device)
     # Whole class tiles per split, so every split but the last is full and none is empty.
     per_split = triton.cdiv(triton.cdiv(n_classes, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     splits = triton.cdiv(n_classes, per_split)
-    shape = (splits, 4, n_rows, consts["J_PAD"])
-    part = torch.empty(shape, dtype=torch.float32, device=x.device) if out is None else out
-    if part.shape != shape or not part.is_contiguous():
-        raise ValueError(f"out must be a contiguous fp32 tensor of shape {shape}")
+    part = torch.zeros((splits, 4, n_rows, len(dims)), dtype=torch.float32, device=x.device)
+    part[:, 0] = float("-inf")  # running maxima start empty
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), splits)
     nested_lse_forward_kernel[grid](
-        x, w, bias if bias is not None else w, target, part,
-        n_rows, n_classes, per_split, x.stride(0), w.stride(0), bias.stride(0) if bias is not None else 0,
-        n_rows * consts["J_PAD"], SHARED=shared, HAS_BIAS=bias is not None, SMOOTHING=label_smoothing > 0,
-        **consts, **cfg)
+        x, w, bias if bias is not None else w, target, part, chunks,
+        n_rows, n_classes, len(dims), chunks.shape[0], per_split, x.stride(0), w.stride(0),
+        bias.stride(0) if bias is not None else 0, n_rows * len(dims),
+        SHARED=shared, HAS_BIAS=bias is not None, SMOOTHING=label_smoothing > 0, K_ALIGN=k_align, **cfg)
     return part
 
 
@@ -151,11 +163,39 @@ def nested_ce_forward_triton(x, w, bias, target, dims, shared, ignore_index, lab
     """(per-row losses, LSEs), [N, len(dims)] fp32, columns in the caller's order; ignored rows have loss 0.
     Layout of w / bias as in ops/cross_entropy.py."""
     x, w = x.contiguous(), w.contiguous()
-    part = lse_partials(x, w, bias, target, dims, shared, label_smoothing, splits)
-    run_max, run_sum, tgt_logit, logit_sum = part[..., :len(dims)].unbind(1)
+    run_max, run_sum, tgt_logit, logit_sum = lse_partials(x, w, bias, target, dims, shared, label_smoothing,
+                                                          splits).unbind(1)
     top = run_max.max(0).values
     lse = top + (run_sum * (run_max - top).exp()).sum(0).log()
     losses = lse - (1 - label_smoothing) * tgt_logit.sum(0)
     if label_smoothing:
         losses -= label_smoothing / w.shape[0] * logit_sum.sum(0)
     return torch.where((target != ignore_index)[:, None], losses, torch.zeros_like(losses)), lse
+
+
+# The launches compiled ahead of time: every dtype and head kind at the paper's dims, odd dims in bf16.
+AOT_DIMS = {"paper": (8, 16, 32, 64, 128, 256, 512, 1024, 2048), "odd": (17, 3, 70)}
+
+
+def aot_launches(backward: bool = False):
+    """(label, dtype, constexprs, options) for the AOT check."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for label, dims in AOT_DIMS.items():
+            if label == "paper" or dtype == torch.bfloat16:
+                for shared in (True, False):
+                    constexprs, options = split_launch_options(launch_config(dtype, backward))
+                    constexprs.update(SHARED=shared, HAS_BIAS=True,
+                                      K_ALIGN=chunk_table(dims, shared, constexprs["BLOCK_K"], "cpu")[2])
+                    yield (f"{str(dtype)[6:]}-{label}-{'shared' if shared else 'per_dim'}", dtype, constexprs,
+                           options)
+
+
+def aot_specs():
+    for label, dtype, constexprs, options in aot_launches():
+        constexprs = dict(constexprs, SMOOTHING=True)
+        signature = {"X": pointer(dtype), "W": pointer(dtype), "BIAS": pointer(dtype), "TARGET": "*i64",
+                     "PART": "*fp32", "CHUNKS": "*i32", "n_rows": "i32", "n_classes": "i32", "n_dims": "i32",
+                     "n_chunks": "i32", "classes_per_split": "i32", "stride_x": "i32", "stride_w": "i32",
+                     "stride_bias": "i32", "stride_part": "i32"}
+        signature.update({name: "constexpr" for name in constexprs})
+        yield label, nested_lse_forward_kernel, signature, constexprs, options

@@ -74,4 +74,4 @@ def aot_specs():
                          "stride_out": "i32", "NEST": "constexpr", "OUT_COL": "constexpr", "BLOCK_N": "constexpr",
                          "BLOCK_D": "constexpr"}
             constexprs = {"NEST": nest, "OUT_COL": out_col, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"]}
-            yield f"{dtype}-{label}", prefix_norms_kernel, signature, constexprs, cfg["num_warps"]
+            yield f"{dtype}-{label}", prefix_norms_kernel, signature, constexprs, {"num_warps": cfg["num_warps"]}
