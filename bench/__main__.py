@@ -31,11 +31,13 @@ def _run(args) -> int:
     failed = False
     for name in names:
         suite = harness.get_suite(name)
-        records = harness.run_suite(suite, args.device, quick=args.quick)
+        records = []
+        for case_records in harness.run_suite(suite, args.device, quick=args.quick):
+            path = report.save(suite, case_records, args.out, args.quick)  # stored case by case
+            records += case_records
         if not records:
             print(f"{name}: no cases for {args.device}")
             continue
-        path = report.save(suite, records, args.out, args.quick)
         print(report.table(report.document(suite, records)))
         print(f"\nwrote {path} and its .md and .png\n")
         failed |= any(r["status"] == "error" for r in records)

@@ -14,6 +14,15 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${OUT:+$(mkdir -p "$OUT" && cd "$OUT" && pwd)}  # absolute, as the caller meant it, before the cd
 cd "$repo"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+# Benchmark-only packages (cut-cross-entropy, Liger-Kernel) come as wheels in .whl/ (the GPU machine has no
+# network; .whl/ is git-ignored, so the device tool must carry it). Absent or failing: those providers skip.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  else
+    echo "warning: installing .whl/*.whl failed; their benchmark providers will be skipped" >&2
+  fi
+fi
 
 suites=()
 quick=()
@@ -34,7 +43,11 @@ print(f"python {sys.version.split()[0]} | torch {torch.__version__} (CUDA {torch
       f" | cuda available: {torch.cuda.is_available()}")'
 
 echo "== 1. tests: -m 'cuda or triton' =="
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m "cuda or triton" tests/ --junitxml="$out/junit-gpu.xml"
+# Compiling the kernels' variants dominates this step: spread it over 4 workers where pytest-xdist is there.
+workers=()
+python3 -c "import xdist" 2>/dev/null && workers=(-n 4)
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m "cuda or triton" ${workers[@]+"${workers[@]}"} tests/ \
+  --junitxml="$out/junit-gpu.xml"
 rc=$?
 # 5: no test selected, which is not a failure
 [[ $rc == 0 || $rc == 5 ]] || failed+=("tests (exit $rc$([[ $rc == 124 ]] && echo ', timed out'))")

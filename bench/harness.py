@@ -6,7 +6,13 @@ reps to fill `Timing.rep_ms`; the median is reported. CUDA uses a pair of CUDA e
 are small next to the last-level cache, a few fresh copies are rotated so that a rep does not read what
 the previous rep left in cache.
 
-Peak memory: the extra bytes allocated at the peak of one warm call, output included, inputs excluded.
+Providers. A provider's factory returns fn; fn(*inputs) is what is timed. Two optional attributes of fn:
+`fn.prepare(*inputs) -> args`, untimed work before every call (the forward pass, when only backward is to
+be timed: each timed call is then fn(*fn.prepare(*inputs)), and peak memory counts from after prepare),
+and `fn.extra`, a dict merged into the provider's record after the run (e.g. compile seconds, a `note`).
+
+Peak memory: the extra bytes allocated at the peak of one warm call, output included, inputs excluded
+(out_mb, the returned tensors' bytes, is recorded too: peak - out is the working memory).
 On CUDA, torch.cuda.max_memory_allocated during the call minus memory_allocated before it; this sees
 torch's caching allocator only (memory a provider takes from CuPy's own pool is not counted). On the CPU,
 the profiler's allocation events (profile_memory=True) summed in time order: the same c10 allocator bytes
@@ -55,6 +61,8 @@ class Suite:
     make_inputs: Callable[[Case, str, int], tuple]  # (case, device, seed) -> a provider's arguments
     providers: dict[str, Callable[[Case, str], Callable]]  # name -> (case, device) -> fn(*inputs)
     metric: str = "GB/s"  # the throughput that matters for this op: "GB/s" or "TFLOP/s"
+    floor: str | None = None  # a provider to read times against too: records get vs_floor = median / its median
+    timing: dict[str, "Timing"] = dataclasses.field(default_factory=dict)  # device -> full-run Timing override
 
 
 @dataclass(frozen=True)
@@ -122,18 +130,40 @@ def summarize(times_ms: list[float]) -> dict[str, float]:
     }
 
 
-def add_ratios(records: list[dict], baseline: str) -> list[dict]:
-    """ratio = median / the baseline's median on the same case (below 1: faster than the baseline)."""
-    base = {r["case"]: r["median_ms"] for r in records if r["provider"] == baseline and r["status"] == "ok"}
+def add_ratios(records: list[dict], baseline: str, floor: str | None = None) -> list[dict]:
+    """ratio = median / the baseline's median on the same case (below 1: faster than the baseline);
+    peak_ratio = peak_mb / the baseline's peak_mb; scratch_ratio = the same for peak_mb - out_mb (the
+    working memory beyond the output); vs_floor = median / the floor provider's median."""
+
+    def of(provider, key):
+        return {r["case"]: r.get(key) for r in records if r["provider"] == provider and r["status"] == "ok"}
+
+    def scratch(r):  # peak extra memory less the output's own bytes (e.g. the gradients): working memory
+        return None if r.get("peak_mb") is None or r.get("out_mb") is None else r["peak_mb"] - r["out_mb"]
+
+    base, base_peak = of(baseline, "median_ms"), of(baseline, "peak_mb")
+    base_scratch = {r["case"]: scratch(r) for r in records if r["provider"] == baseline and r["status"] == "ok"}
+    low = of(floor, "median_ms") if floor else {}
     for r in records:
         if r["status"] == "ok":
-            b = base.get(r["case"])
+            b, bp, f = base.get(r["case"]), base_peak.get(r["case"]), low.get(r["case"])
+            bs, s = base_scratch.get(r["case"]), scratch(r)
             r["ratio"] = r["median_ms"] / b if b else None
+            r["peak_ratio"] = r["peak_mb"] / bp if bp and r.get("peak_mb") is not None else None
+            r["scratch_ratio"] = s / bs if bs and s is not None else None
+            if floor:
+                r["vs_floor"] = r["median_ms"] / f if f else None
     return records
 
 
 def rel_err(out, ref) -> float | None:
-    """||out - ref|| / ||ref|| in float64, so a fast but wrong provider shows up in the results."""
+    """||out - ref|| / ||ref|| in float64, so a fast but wrong provider shows up in the results; for tuples
+    of tensors (e.g. loss and gradients), the largest of the per-item errors."""
+    if isinstance(out, (tuple, list)) and isinstance(ref, (tuple, list)):
+        if len(out) != len(ref):
+            raise ValueError(f"{len(out)} outputs, the baseline has {len(ref)}")
+        errs = [e for e in map(rel_err, out, ref) if e is not None]
+        return max(errs, default=None)
     if not (isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor)):
         return None
     if out.shape != ref.shape:
@@ -165,11 +195,13 @@ def time_fn(fn: Callable, copies: list[tuple], device: str, timing: Timing) -> l
     """Per-call times in ms, after a warm-up; calls cycle through the input copies."""
     mark, elapsed = _clock(device)
     args = itertools.cycle(copies)
+    prepare = getattr(fn, "prepare", None)
 
     def run(n: int) -> list[float]:
         spans = []
         for _ in range(n):
             inputs = next(args)
+            inputs = prepare(*inputs) if prepare else inputs
             start = mark()
             fn(*inputs)
             spans.append((start, mark()))
@@ -323,12 +355,16 @@ def run_case(suite: Suite, case: Case, device: str, timing: Timing, env: dict) -
             fn = build(suite, case, name, device)
             rec.update(summarize(time_fn(fn, copies, device, timing)))
             # Measured after timing, so one-off compile or autotuning buffers do not count.
-            out, peak = peak_bytes(fn, inputs, device)
+            prepare = getattr(fn, "prepare", None)
+            out, peak = peak_bytes(fn, prepare(*inputs) if prepare else inputs, device)
             ref = out if name == suite.baseline else ref
             seconds = rec["median_ms"] * 1e-3
-            rec.update(peak_mb=None if peak is None else peak / 2**20, rel_err=rel_err(out, ref),
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            rec.update(peak_mb=None if peak is None else peak / 2**20, out_mb=_nbytes(outs) / 2**20,
+                       rel_err=rel_err(out, ref),
                        gbps=case.bytes / seconds / 1e9, tflops=case.flops / seconds / 1e12)
             rec["of_ceiling"] = rec[METRIC_KEY[suite.metric]] / env["ceiling"][suite.metric]
+            rec.update(getattr(fn, "extra", {}))
         except (Unavailable, NotImplementedError) as e:
             rec.update(status="skipped", reason=_reason(e))
         except Exception as e:  # one broken provider must not hide the others' numbers
@@ -346,26 +382,37 @@ def pytest_benchmark(benchmark, suite: Suite, case: Case, provider: str, device:
     inputs = suite.make_inputs(case, device, 0)
     try:
         fn = build(suite, case, provider, device)
-        fn(*inputs)  # compile and autotune outside the timed rounds
+        prepare = getattr(fn, "prepare", None)
+        fn(*(prepare(*inputs) if prepare else inputs))  # compile and autotune outside the timed rounds
     except (Unavailable, NotImplementedError) as e:
         pytest.skip(_reason(e))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def call():
-        fn(*inputs)
+    def call(*args):
+        fn(*(args or inputs))
         sync()  # pytest-benchmark reads a wall clock: wait for the GPU to finish
 
     benchmark.extra_info.update(case=case.name, params=case.params, flops=case.flops, bytes=case.bytes,
                                 device=device_name(device))
-    benchmark(call)
+    if prepare is None:
+        benchmark(call)
+    else:  # untimed setup before every round; pedantic mode is the only one that has it
+
+        def setup():
+            args = prepare(*inputs)
+            sync()
+            return args, {}
+
+        benchmark.pedantic(call, setup=setup, rounds=10, warmup_rounds=1)
 
 
-def run_suite(suite: Suite, device: str, quick: bool = False, timing: Timing | None = None) -> list[dict]:
-    timing = timing or (QUICK if quick else Timing())
+def run_suite(suite: Suite, device: str, quick: bool = False, timing: Timing | None = None):
+    """Yields each case's records (ratios filled in) as soon as the case is done, so a caller can store
+    them before the next case: a run cut short by a time limit keeps what it measured."""
+    timing = timing or (QUICK if quick else suite.timing.get(device, Timing()))
     env = environment(device)
     env["ceiling"] = {suite.metric: ceiling(device, suite.metric)}
-    records = []
     for case in suite.cases(device, quick):
-        records += run_case(suite, case, device, timing, env)
+        records = run_case(suite, case, device, timing, env)
         _free(device)
-    return add_ratios(records, suite.baseline)
+        yield add_ratios(records, suite.baseline, suite.floor)

@@ -20,8 +20,9 @@ def result_path(root: Path, device: str, suite_name: str, quick: bool) -> Path:
 
 
 def document(suite: Suite, records: list[dict]) -> dict:
-    return {"suite": suite.name, "baseline": suite.baseline, "metric": suite.metric,
-            "device": records[0]["device"], "records": records}
+    doc = {"suite": suite.name, "baseline": suite.baseline, "metric": suite.metric,
+           "device": records[0]["device"], "records": records}
+    return {**doc, "floor": suite.floor} if suite.floor else doc
 
 
 def save(suite: Suite, records: list[dict], root: Path, quick: bool) -> Path:
@@ -48,27 +49,37 @@ def _fmt(value) -> str:
 
 
 def table(doc: dict) -> str:
-    """Markdown table of the records, headed by the newest run's environment."""
+    """Markdown table of the records, headed by the newest run's environment. The `vs floor` and `note`
+    columns appear only when some record has them."""
     records = doc["records"]
     newest = max(records, key=lambda r: r["timestamp"])
     versions = " · ".join(f"{k} {v}" for k, v in newest["versions"].items() if v)
     ceil = newest.get("ceiling", {}).get(doc["metric"])
+    floor = doc.get("floor")
+    notes = any(r.get("note") for r in records)
     lines = [
         f"## {doc['suite']} on {doc['device']}",
         "",
         f"{versions} · {newest['timestamp']} (newest run; every JSON record has its own)",
         f"ratio = median / median of `{doc['baseline']}` (below 1 is faster); "
-        f"of ceiling = {doc['metric']} / the measured ceiling ({_fmt(ceil)} {doc['metric']}); "
+        + (f"vs floor = median / median of `{floor}`; " if floor else "")
+        + f"of ceiling = {doc['metric']} / the measured ceiling ({_fmt(ceil)} {doc['metric']}); "
+        f"peak ratio = peak MB / peak MB of `{doc['baseline']}`; peak ratio w/o out: the same for peak MB "
+        "less the output's own MB (working memory); "
         "rel err = ||out - baseline|| / ||baseline||",
         "",
-        "| case | provider | median ms | ratio | GB/s | TFLOP/s | of ceiling | peak MB | rel err |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| case | provider | median ms | ratio |" + (" vs floor |" if floor else "")
+        + " GB/s | TFLOP/s | of ceiling | peak MB | peak ratio | peak ratio w/o out | rel err |"
+        + (" note |" if notes else ""),
+        "|---|---|--:|--:|" + ("--:|" if floor else "") + "--:|--:|--:|--:|--:|--:|--:|" + ("---|" if notes else ""),
     ]
     for r in records:
         if r["status"] == "ok":
-            cells = [r["median_ms"], r.get("ratio"), r["gbps"], r["tflops"], r.get("of_ceiling"), r["peak_mb"],
-                     r["rel_err"]]
-            lines.append(f"| {r['case']} | {r['provider']} | " + " | ".join(map(_fmt, cells)) + " |")
+            cells = [r["median_ms"], r.get("ratio")] + ([r.get("vs_floor")] if floor else []) + [
+                r["gbps"], r["tflops"], r.get("of_ceiling"), r["peak_mb"], r.get("peak_ratio"), r.get("scratch_ratio"),
+                r["rel_err"]]
+            note = [(r.get("note") or "").replace("|", "/")] if notes else []
+            lines.append(f"| {r['case']} | {r['provider']} | " + " | ".join([*map(_fmt, cells), *note]) + " |")
         else:
             lines.append(f"| {r['case']} | {r['provider']} | {r['status']}: {r['reason'].replace('|', '/')} |")
     return "\n".join(lines)

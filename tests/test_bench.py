@@ -73,3 +73,56 @@ def test_quick_run_writes_json_table_and_plot(tmp_path, device):
     path.with_suffix(".png").unlink()
     assert main(["plot", "prefix_norms", "--quick", "--out", str(tmp_path)]) == 0
     assert path.with_suffix(".png").exists()
+
+
+def test_peak_and_floor_ratios():
+    recs = [
+        {"case": "a", "provider": "base", "status": "ok", "median_ms": 4.0, "peak_mb": 8.0},
+        {"case": "a", "provider": "floor", "status": "ok", "median_ms": 2.0, "peak_mb": 1.0},
+        {"case": "a", "provider": "fast", "status": "ok", "median_ms": 1.0, "peak_mb": 2.0},
+    ]
+    harness.add_ratios(recs, "base", floor="floor")
+    assert [(r["ratio"], r["peak_ratio"], r["vs_floor"]) for r in recs] == [
+        (1.0, 1.0, 2.0), (0.5, 0.125, 1.0), (0.25, 0.25, 0.5)]
+    recs[0]["out_mb"], recs[2]["out_mb"] = 2.0, 1.0  # working memory: 6 MB and 1 MB
+    harness.add_ratios(recs, "base")
+    assert recs[2]["scratch_ratio"] == 1 / 6 and recs[1]["scratch_ratio"] is None
+
+
+def test_rel_err_of_tuples_is_the_worst_item():
+    a, b = torch.ones(4), torch.full((4,), 2.0)
+    assert harness.rel_err((a, b), (a, b)) == 0.0
+    assert harness.rel_err((a, b * 1.5), (a, b)) == pytest.approx(0.5)
+    assert harness.rel_err(None, a) is None
+
+
+def test_prepare_runs_untimed_before_every_call():
+    calls = []
+
+    def fn(y):
+        calls.append(("fn", y))
+
+    fn.prepare = lambda x: (calls.append(("prepare", x)) or x + 1,)
+    times = harness.time_fn(fn, [(1,)], "cpu", harness.Timing(warmup_ms=0, rep_ms=0, min_reps=2, max_reps=2))
+    assert len(times) == 2
+    assert calls[:2] == [("prepare", 1), ("fn", 2)] and len(calls) % 2 == 0
+
+
+def test_nested_ce_quick_run_on_cpu(tmp_path):
+    assert main(["run", "nested_ce", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*/nested_ce-quick.json")
+    doc = json.loads(path.read_text())
+    assert doc["baseline"] == "reference" and doc["floor"] == "cce_full_dim_floor" and doc["metric"] == "TFLOP/s"
+    recs = doc["records"]
+    assert {r["params"]["mode"] for r in recs} == {"fwd", "bwd", "fwd+bwd"}
+    by = {(r["params"]["mode"], r["provider"]): r for r in recs}
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        for provider in ("reference", "ours_torch"):
+            r = by[mode, provider]
+            assert r["status"] == "ok", r
+            assert r["median_ms"] > 0 and r["tflops"] > 0 and r["peak_mb"] > 0 and r["peak_ratio"] > 0
+            assert r["out_mb"] > 0 and r["scratch_ratio"] is not None
+            assert r["rel_err"] < 1e-4
+        for provider in ("ours_triton", "cce", "liger", "cce_full_dim_floor", "compiled_loop"):
+            assert by[mode, provider]["status"] == "skipped" and by[mode, provider]["reason"]
+    assert "| ours_torch |" in path.with_suffix(".md").read_text()

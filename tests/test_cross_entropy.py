@@ -106,7 +106,7 @@ def test_class_splits_combine_exactly(kernel_device, shared):
     dims = (17, 3, 70)
     x, w, b, t = make_inputs(dims, shared, True, torch.float32, kernel_device, c=301, seed=0)
     w = w if shared else torch.cat(w, 1)
-    b = b[None] if shared else torch.stack([torch.zeros(301) if v is None else v for v in b]).to(kernel_device)
+    b = b[None] if shared else torch.stack([torch.zeros(301, device=kernel_device) if v is None else v for v in b])
     for splits in (1, 3):
         part = lse_partials(x, w, b, t, dims, shared, 0.1, splits=splits)
         # Maxima start at -inf and a fold's sum of exps is at least 1 (the max's own term).
@@ -177,3 +177,31 @@ def test_torch_compile_fullgraph():
     (g_want,) = torch.autograd.grad(want, w)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(g, g_want)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_triton_past_2_31_feature_elements():
+    """Features of 2**31 + 64 * 2048 bf16 elements: the last rows' offsets (and their dx offsets) pass the
+    int32 range. Rows are independent, so the last rows are checked against float64 on their own."""
+    n, d, c, dims = 2**31 // 2048 + 64, 2048, 16, (8, 2048)
+    x = torch.empty(n, d, dtype=torch.bfloat16, device="cuda").normal_()
+    w = (torch.randn(c, d, device="cuda") / d**0.5).bfloat16().requires_grad_()
+    x.requires_grad_()
+    t = torch.randint(0, c, (n,), device="cuda")
+    losses = mk.matryoshka_linear_cross_entropy(x, w, t, dims, backend="triton", reduction="none")
+    (dx,) = torch.autograd.grad(losses[-3:].sum(), x)
+    tail = float64(x[-3:])
+    ref = reference.nested_cross_entropy(tail, float64(w), t[-3:].cpu(), dims, reduction="none")
+    (dx_ref,) = torch.autograd.grad(ref.sum(), tail)
+    assert rel_error(losses[-3:], ref) < 1e-2 and rel_error(dx[-3:], dx_ref) < 2e-2
+    assert dx[:-3].abs().max().item() == 0  # nothing leaked into rows whose loss was not differentiated
+
+
+def test_torch_path_refuses_a_second_backward():
+    x, w, b, t = make_inputs((3, 70), True, False, torch.float32, "cpu", seed=6)
+    w.requires_grad_()
+    loss = mk.matryoshka_linear_cross_entropy(x, w, t, (3, 70), backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()

@@ -8,7 +8,8 @@ import torch
 
 from .. import reference
 from ._backend import resolve_backend
-from .nested_ce_torch import acc_dtype, nested_ce_backward_torch, nested_ce_forward_torch
+from .nested_ce_torch import (acc_dtype, nested_ce_backward_torch, nested_ce_forward_torch,
+                              nested_ce_with_grads_torch)
 from ._validation import (REDUCTIONS, check_choice, check_dim_weights, check_dims, check_finite, check_int,
                           check_labels, check_like, check_tensor)
 
@@ -47,6 +48,12 @@ def matryoshka_linear_cross_entropy(features, weight, target, dims, bias=None, d
                                               label_smoothing=label_smoothing, reduction=reduction,
                                               return_per_dim=return_per_dim)
     features, w, b = _fused_head(features, weight, bias, dims, shared)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (features, w, b))
+    if backend == "torch" and reduction != "none" and wants_grad:
+        total, per_dim = _nested_ce_with_grads_op(features, w, b, target, list(dims), shared, ignore_index,
+                                                  label_smoothing, list(dim_weights), reduction == "mean")[:2]
+        total = total.to(features.dtype)
+        return (total, per_dim) if return_per_dim else total
     losses = _nested_ce_rows(features, w, b, target, list(dims), shared, ignore_index, label_smoothing, backend)
     if reduction == "mean":
         # Like F.cross_entropy: divide by the non-ignored rows (0/0 = NaN when every row is ignored).
@@ -174,3 +181,43 @@ _nested_ce_rows_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _nested_ce_rows(x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend):
     return _nested_ce_rows_op(x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend)[0]
+
+
+@torch.library.custom_op("mrl_kernels::nested_ce_with_grads", mutates_args=())
+def _nested_ce_with_grads_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
+                             dims: list[int], shared: bool, ignore_index: int, label_smoothing: float,
+                             dim_weights: list[float], mean: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A scalar loss whose gradients are computed in the same pass (torch fallback): (total, per-dim losses,
+    dx, dw, db) for a unit upstream gradient; backward only scales them."""
+    per_dim, dx, dw, db = nested_ce_with_grads_torch(x, w, bias, target, dims, shared, ignore_index,
+                                                     label_smoothing, dim_weights, mean)
+    return per_dim @ torch.tensor(dim_weights, dtype=per_dim.dtype, device=per_dim.device), per_dim, dx, dw, db
+
+
+@_nested_ce_with_grads_op.register_fake
+def _(x, w, bias, target, dims, shared, ignore_index, label_smoothing, dim_weights, mean):
+    acc = acc_dtype(x.dtype)
+    return (x.new_empty((), dtype=acc), x.new_empty(len(dims), dtype=acc), torch.empty_like(x), torch.empty_like(w),
+            x.new_empty(0) if bias is None else torch.empty_like(bias))
+
+
+def _setup_with_grads(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.consumed = False
+    ctx.save_for_backward(*output[2:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward_with_grads(ctx, grad_total, *_):
+    # The gradients are scaled in place: a second copy of dx and dW would double this path's peak memory.
+    # So they can serve one backward only (a second one, after retain_graph=True, would see scaled values).
+    if ctx.consumed:
+        raise RuntimeError("matryoshka_linear_cross_entropy(backend='torch'): a second backward through the same "
+                           "graph is not supported; use backend='reference' for that")
+    ctx.consumed = True
+    dx, dw, db = ctx.saved_tensors
+    return dx.mul_(grad_total), dw.mul_(grad_total), db.mul_(grad_total) if ctx.has_bias else None, *(None,) * 7
+
+
+_nested_ce_with_grads_op.register_autograd(_backward_with_grads, setup_context=_setup_with_grads)

@@ -13,12 +13,14 @@ columns in the caller's order.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .prefix_norms import segments
 
 # Bytes of fp32 logits a chunk may hold across all dims: bounds peak extra memory.
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 8 * 2**20
 
 
 def head_offsets(dims) -> list[int]:
@@ -60,66 +62,115 @@ def _targets(target, ignore_index):
     return valid, torch.where(valid, target, torch.zeros_like(target))
 
 
+def _chunk_losses(logits: dict, tgt, valid, label_smoothing, to_probs: bool = False):
+    """Per-row losses and LSEs [R, len(dims)] of one chunk from its logits {j: [R, C]}. With to_probs the
+    logits are replaced by the softmax probabilities, which the gradient needs next."""
+    n_classes = next(iter(logits.values())).shape[1]
+    losses, lse = [], []
+    for j in range(len(logits)):
+        log_p = logits[j].log_softmax(1)
+        loss = -(1 - label_smoothing) * log_p.gather(1, tgt[:, None])[:, 0]
+        if label_smoothing:
+            loss -= (label_smoothing / n_classes) * log_p.sum(1)
+        losses.append(loss)
+        lse.append(logits[j][:, 0] - log_p[:, 0])  # log p_c = z_c - lse for any class c
+        if to_probs:
+            logits[j] = log_p.exp_()
+    losses = torch.stack(losses, 1)
+    return torch.where(valid[:, None], losses, torch.zeros_like(losses)), torch.stack(lse, 1)
+
+
+def _chunk_grads(xc, wf, logits: dict, lse, coef, tgt, dims, shared, label_smoothing, dxc, dw, db):
+    """Adds one chunk's gradients to dxc (its rows of dx, zeros), dw and db (None without bias). Consumes
+    `logits`, which hold logits (turned into probabilities with `lse`) or, where lse is None, probabilities."""
+    n_classes = wf.shape[0]
+    segs, order = segments(dims)
+    offsets = head_offsets(dims)
+
+    def d_logits(j):
+        # d loss_j / d logits_j = softmax - (1 - eps) onehot - eps / C, scaled by the row's coefficient
+        d = logits.pop(j)
+        if lse is not None:
+            d.sub_(lse[:, j:j + 1]).exp_()
+        d.scatter_add_(1, tgt[:, None], torch.full_like(d[:, :1], label_smoothing - 1))
+        if label_smoothing:
+            d -= label_smoothing / n_classes
+        return d.mul_(coef[:, j:j + 1])
+
+    if shared:
+        grad = None
+        for (a, b), j in reversed(list(zip(segs, order))):
+            grad = d_logits(j) if grad is None else grad.add_(d_logits(j))  # G_s = sum_{j >= s} D_j
+            dxc[:, a:b] = grad @ wf[:, a:b]
+            dw[:, a:b].addmm_(grad.T, xc[:, a:b])
+        if db is not None:
+            db[0] += grad.sum(0)
+    else:
+        for j in order:
+            d, m, o = d_logits(j), dims[j], offsets[j]
+            dxc[:, :m].addmm_(d, wf[:, o:o + m])
+            dw[:, o:o + m].addmm_(d.T, xc[:, :m])
+            if db is not None:
+                db[j] += d.sum(0)
+
+
+def _chunks(x, w, bias, target, dims, shared, ignore_index):
+    """Yields (row slice, x chunk, fp32 head, fp32 bias, valid rows, safe targets, logits {j: [R, C]})."""
+    acc = acc_dtype(x.dtype)
+    wf, bf = w.to(acc), None if bias is None else bias.to(acc)
+    step = row_chunk(w.shape[0], len(dims))
+    for r in range(0, x.shape[0], step):
+        rows = slice(r, r + step)
+        xc = x[rows].to(acc)
+        valid, tgt = _targets(target[rows], ignore_index)
+        yield rows, xc, wf, bf, valid, tgt, dict(boundary_logits(xc, wf, bf, dims, shared))
+
+
+def _grad_buffers(x, w, bias):
+    """Zeroed dx, dw, db (None without bias) in the accumulation dtype: zeroed once here rather than per
+    chunk, where fresh pages cost more than the arithmetic."""
+    zeros = functools.partial(torch.zeros, dtype=acc_dtype(x.dtype), device=x.device)
+    return zeros(x.shape), zeros(w.shape), None if bias is None else zeros(bias.shape)
+
+
+def _finish_grads(dx, dw, db, x, w, bias):
+    return dx.to(x.dtype), dw.to(w.dtype), db.to(bias.dtype) if bias is not None else dx.new_empty(0)
+
+
 def nested_ce_forward_torch(x, w, bias, target, dims, shared, ignore_index, label_smoothing):
     """(per-row losses, LSEs), both [N, len(dims)] in the accumulation dtype; ignored rows have loss 0."""
-    n_rows, n_classes = x.shape[0], w.shape[0]
     acc = acc_dtype(x.dtype)
-    losses = torch.empty((n_rows, len(dims)), dtype=acc, device=x.device)
+    losses = torch.empty((x.shape[0], len(dims)), dtype=acc, device=x.device)
     lse = torch.empty_like(losses)
-    wf, bf = w.to(acc), None if bias is None else bias.to(acc)
-    step = row_chunk(n_classes, len(dims))
-    for r in range(0, n_rows, step):
-        valid, tgt = _targets(target[r:r + step], ignore_index)
-        for j, z in boundary_logits(x[r:r + step].to(acc), wf, bf, dims, shared):
-            lse_j = z.logsumexp(1)
-            loss = lse_j - (1 - label_smoothing) * z.gather(1, tgt[:, None])[:, 0]
-            if label_smoothing:
-                loss = loss - (label_smoothing / n_classes) * z.sum(1)
-            losses[r:r + step, j] = torch.where(valid, loss, torch.zeros_like(loss))
-            lse[r:r + step, j] = lse_j
+    for rows, _, _, _, valid, tgt, logits in _chunks(x, w, bias, target, dims, shared, ignore_index):
+        losses[rows], lse[rows] = _chunk_losses(logits, tgt, valid, label_smoothing)
     return losses, lse
 
 
 def nested_ce_backward_torch(grad_losses, x, w, bias, target, lse, dims, shared, ignore_index, label_smoothing):
-    """Gradients of sum(grad_losses * losses) for x, w and bias (an empty tensor when bias is None)."""
-    n_rows, n_classes = x.shape[0], w.shape[0]
-    segs, order = segments(dims)
-    offsets = head_offsets(dims)
+    """Gradients of sum(grad_losses * losses) for x, w and bias (an empty tensor when bias is None),
+    recomputing each chunk's logits."""
+    dx, dw, db = _grad_buffers(x, w, bias)
+    for rows, xc, wf, _, valid, tgt, logits in _chunks(x, w, bias, target, dims, shared, ignore_index):
+        coef = grad_losses[rows].to(xc.dtype) * valid[:, None]
+        _chunk_grads(xc, wf, logits, lse[rows], coef, tgt, dims, shared, label_smoothing, dx[rows], dw, db)
+    return _finish_grads(dx, dw, db, x, w, bias)
+
+
+def nested_ce_with_grads_torch(x, w, bias, target, dims, shared, ignore_index, label_smoothing, dim_weights,
+                               mean: bool):
+    """For a scalar loss (reduction "mean" or "sum"), the gradient is known up to the upstream scalar while
+    the logits are at hand, so each chunk's logits serve the loss and the gradients at once: one matmul
+    for the logits, one for dx, one for dW, and no recompute (the eager loop pays about six).
+    Returns (per-dim losses [len(dims)] reduced over rows, dx, dw, db) for the unit upstream gradient."""
     acc = acc_dtype(x.dtype)
-    wf, bf = w.to(acc), None if bias is None else bias.to(acc)
-    dx = torch.empty_like(x)
-    dw = torch.zeros_like(wf)
-    db = torch.zeros_like(bf) if bias is not None else x.new_empty(0)
-    step = row_chunk(n_classes, len(dims))
-    for r in range(0, n_rows, step):
-        xc = x[r:r + step].to(acc)
-        valid, tgt = _targets(target[r:r + step], ignore_index)
-        coef = grad_losses[r:r + step].to(acc) * valid[:, None]
-        logits = dict(boundary_logits(xc, wf, bf, dims, shared))
-
-        def d_logits(j):
-            # d loss_j / d logits_j = softmax - (1 - eps) onehot - eps / C, scaled by the row's coefficient
-            d = (logits.pop(j) - lse[r:r + step, j:j + 1]).exp_()
-            d.scatter_add_(1, tgt[:, None], torch.full_like(d[:, :1], label_smoothing - 1))
-            if label_smoothing:
-                d -= label_smoothing / n_classes
-            return d.mul_(coef[:, j:j + 1])
-
-        dxc = torch.zeros_like(xc)
-        if shared:
-            grad = None
-            for (a, b), j in reversed(list(zip(segs, order))):
-                grad = d_logits(j) if grad is None else grad.add_(d_logits(j))  # G_s = sum_{j >= s} D_j
-                dxc[:, a:b] = grad @ wf[:, a:b]
-                dw[:, a:b] += grad.T @ xc[:, a:b]
-            if bias is not None:
-                db[0] += grad.sum(0)
-        else:
-            for j in order:
-                d, m, o = d_logits(j), dims[j], offsets[j]
-                dxc[:, :m] += d @ wf[:, o:o + m]
-                dw[:, o:o + m] += d.T @ xc[:, :m]
-                if bias is not None:
-                    db[j] += d.sum(0)
-        dx[r:r + step] = dxc
-    return dx, dw.to(w.dtype), db.to(bias.dtype) if bias is not None else db
+    dx, dw, db = _grad_buffers(x, w, bias)
+    per_dim = torch.zeros(len(dims), dtype=acc, device=x.device)
+    scale = 1.0 / (target != ignore_index).sum().to(acc) if mean else torch.ones((), dtype=acc, device=x.device)
+    weights = torch.tensor(dim_weights, dtype=acc, device=x.device) * scale
+    for rows, xc, wf, _, valid, tgt, logits in _chunks(x, w, bias, target, dims, shared, ignore_index):
+        losses, _ = _chunk_losses(logits, tgt, valid, label_smoothing, to_probs=True)
+        per_dim += losses.sum(0)
+        coef = torch.where(valid[:, None], weights, torch.zeros_like(weights))
+        _chunk_grads(xc, wf, logits, None, coef, tgt, dims, shared, label_smoothing, dx[rows], dw, db)
+    return (per_dim * scale,) + _finish_grads(dx, dw, db, x, w, bias)

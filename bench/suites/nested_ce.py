@@ -1,0 +1,336 @@
+"""nested_ce: mk.matryoshka_linear_cross_entropy(x, W, target, dims) with one shared [C, D] head (MRL-E),
+the sum over dims m_j of cross_entropy(x[:, :m_j] @ W[:, :m_j]^T, target), mean reduction, no bias.
+
+Modes (one case per mode, the mode is the case name's suffix):
+  fwd      the loss with autograd recording (inputs require grad), as in training; the graph is dropped.
+  bwd      torch.autograd.grad(loss, (x, W)) alone: the forward runs untimed before every timed call
+           (fn.prepare in the harness), so this is the backward's own time, not fwd+bwd minus fwd; its
+           peak memory counts from after the forward (what the forward saved is not in it).
+  fwd+bwd  loss, then torch.autograd.grad(loss, (x, W)): one training step of the head. The number that
+           matters; its peak memory is the whole step's.
+rel err compares the loss (fwd), (dx, dW) (bwd) or (loss, dx, dW) (fwd+bwd) with the eager loop's: the
+largest of the per-tensor errors.
+
+FLOPs: one matmul-equivalent is 2*N*C*D. TFLOP/s counts the useful single-pass work at the full dim,
+whatever a provider really does: 2*N*C*D (fwd), 4*N*C*D (bwd: dx and dW), 6*N*C*D (fwd+bwd). The eager
+loop really does 2*N*C*sum(m_j) forward (about 2x that for doubling dims) and twice that backward, so its
+TFLOP/s reads low by that factor: it is wasted work, not a slow matmul.
+
+Providers:
+  reference           mrl_kernels.reference.nested_cross_entropy: the eager loop (the baseline).
+  compiled_loop       torch.compile(dynamic=False) of that loop; the CPU case and the first GPU case only;
+                      the first call (compile) is recorded apart as first_call_s; skipped if compile fails.
+  torch_linear_ce     sum over dims of F.linear_cross_entropy(x[:, :m], W[:, :m], target,
+                      options=torch.nn.LinearCrossEntropyOptions()) (torch's chunked path, which computes
+                      the gradients inside its forward, like Liger; without the options class, the plain
+                      call, which is the eager loop again).
+  ours_torch          mk.matryoshka_linear_cross_entropy(..., backend="torch").
+  ours_triton         mk.matryoshka_linear_cross_entropy(..., backend="triton") (CUDA).
+  cce                 sum over dims of cut_cross_entropy.linear_cross_entropy(x[:, :m].contiguous(),
+                      W[:, :m].contiguous(), target) (CUDA; the copies are timed: CCE needs contiguous
+                      operands). CCE's defaults: filter_eps="high" skips gradient blocks whose softmax is
+                      below bf16 eps / 32, an approximation.
+  liger               sum over dims of liger_kernel's LigerFusedLinearCrossEntropyFunction.apply(
+                      x[:, :m].contiguous(), W[:, :m].contiguous(), target)[0] (CUDA). Liger computes
+                      the gradients inside its forward: its fwd is nearly its fwd+bwd, its bwd nearly free.
+  cce_full_dim_floor  ONE cut_cross_entropy.linear_cross_entropy(x, W, target) at the full dim: not the
+                      same loss (no rel err), the floor for "all dims cost at most 1.3x one full-dim CCE
+                      call"; vs floor = median / its median.
+A provider whose package is missing, or that would need more than MEMORY_BUDGET bytes (the eager loop
+materialises len(dims) logits matrices), is skipped with the reason; so are the slow ones named in
+_ours (the torch fallback on CUDA beyond the imagenet head) and _liger (fwd and bwd alone at the vocab head).
+
+Trimming a run: $NESTED_CE_MODES (e.g. "fwd+bwd") and $NESTED_CE_HEADS (e.g. "imagenet,jft"; not --quick)
+take comma-separated subsets.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.harness import Case, Suite, Timing, Unavailable, register, require
+
+DIMS = tuple(8 << i for i in range(9))  # 8, 16, ..., 2048
+JFT_DIMS = (12, 24, 48, 96, 192, 384, 768)
+MODES = ("fwd", "bwd", "fwd+bwd")
+PASSES = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}  # useful work in units of 2*N*C*D
+MEMORY_BUDGET = 60 * 2**30  # skip a provider whose estimated peak is above this (bytes)
+
+# (label, N, D, C, dims, dtype)
+CPU_HEADS = [("imagenet", 2048, 2048, 1000, DIMS, "float32")]
+GPU_HEADS = [
+    ("imagenet", 8192, 2048, 1000, DIMS, "bfloat16"),
+    ("jft", 8192, 768, 21841, JFT_DIMS, "bfloat16"),
+    ("vocab", 16384, 2048, 128256, DIMS, "bfloat16"),
+]
+QUICK_HEAD = ("tiny", 64, 64, 50, (8, 16, 32, 64))
+COMPILE_HEAD = {"cpu": "imagenet", "cuda": "imagenet"}  # torch.compile is slow: one head per device
+TORCH_BACKEND_GPU_HEADS = ("imagenet", "tiny")
+LIGER_MAX_CHUNKS = 4096  # above this many row chunks per call, time Liger in fwd+bwd only
+
+
+def _case(label: str, n: int, d: int, c: int, dims, dtype: str, mode: str) -> Case:
+    itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    operands = (n * d + c * d) * itemsize
+    moved = {"fwd": operands + n * 8, "bwd": 2 * operands + n * 8 + n * len(dims) * 4,
+             "fwd+bwd": 2 * operands + n * 8}[mode]
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+    return Case(f"{label}-N{n}-D{d}-C{c}-{short}-{mode}",
+                {"head": label, "N": n, "D": d, "C": c, "dims": list(dims), "dtype": dtype, "mode": mode},
+                flops=PASSES[mode] * 2 * n * c * d, bytes=moved)
+
+
+def _selected(env: str, known) -> list:
+    """$env, a comma-separated subset of `known` (unset: all of them): a way to trim a GPU run."""
+    wanted = [w for w in os.environ.get(env, "").split(",") if w]
+    unknown = set(wanted) - set(known)
+    if unknown:
+        raise ValueError(f"${env}: unknown {sorted(unknown)}; known: {list(known)}")
+    return [k for k in known if not wanted or k in wanted]
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    if quick:
+        heads = [QUICK_HEAD + ("bfloat16" if device == "cuda" else "float32",)]
+    else:
+        heads = GPU_HEADS if device == "cuda" else CPU_HEADS
+        labels = _selected("NESTED_CE_HEADS", [h[0] for h in heads])
+        heads = [h for h in heads if h[0] in labels]
+    return [_case(*head, mode) for head in heads for mode in _selected("NESTED_CE_MODES", MODES)]
+
+
+def make_inputs(case: Case, device: str, seed: int) -> tuple:
+    p = case.params
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = getattr(torch, p["dtype"])
+    x = torch.randn(p["N"], p["D"], generator=gen, device=device, dtype=dtype)
+    # Logits of unit scale at the full dim.
+    w = torch.randn(p["C"], p["D"], generator=gen, device=device, dtype=dtype) / p["D"] ** 0.5
+    target = torch.randint(0, p["C"], (p["N"],), generator=gen, device=device)
+    return x.requires_grad_(), w.requires_grad_(), target
+
+
+# ---- modes ---------------------------------------------------------------------------------------
+
+
+def _moded(loss_fn, mode: str, compare: bool = True):
+    """The timed callable for a mode, from loss_fn(x, w, target) -> scalar loss."""
+    if mode == "fwd":
+
+        def fn(x, w, t):
+            loss = loss_fn(x, w, t).detach()
+            return loss if compare else None
+
+    elif mode == "fwd+bwd":
+
+        def fn(x, w, t):
+            loss = loss_fn(x, w, t)
+            dx, dw = torch.autograd.grad(loss, (x, w))
+            return (loss.detach(), dx, dw) if compare else None
+
+    else:
+
+        def fn(loss, x, w):
+            grads = torch.autograd.grad(loss, (x, w))
+            return grads if compare else None
+
+        fn.prepare = lambda x, w, t: (loss_fn(x, w, t), x, w)
+    return fn
+
+
+def _params(case: Case):
+    p = case.params
+    return p, tuple(p["dims"]), getattr(torch, p["dtype"]).itemsize
+
+
+def _check_memory(case: Case, need: float, what: str) -> None:
+    if need > MEMORY_BUDGET:
+        raise Unavailable(f"{what} needs ~{need / 2**30:.0f} GiB (> the {MEMORY_BUDGET / 2**30:.0f} GiB budget)")
+
+
+def _loop_bytes(case: Case) -> float:
+    """Eager loop: every dim's logits and log-softmax are saved for backward (input dtype), plus fp32
+    transients in backward."""
+    p, dims, itemsize = _params(case)
+    return len(dims) * p["N"] * p["C"] * itemsize * 2 + 2 * p["N"] * p["C"] * 4
+
+
+def _needs_cuda(device: str, name: str) -> None:
+    if device != "cuda":
+        raise Unavailable(f"{name} runs Triton kernels: CUDA only")
+
+
+# ---- providers -----------------------------------------------------------------------------------
+
+
+def _reference(case: Case, device: str):
+    _check_memory(case, _loop_bytes(case), "the eager loop")
+    loop = require("mrl_kernels.reference", "nested_cross_entropy")
+    dims = tuple(case.params["dims"])
+    return _moded(lambda x, w, t: loop(x, w, t, dims), case.params["mode"])
+
+
+_compile_failures: dict[tuple, str] = {}
+
+
+@functools.cache
+def _compiled(dims: tuple, device: str):
+    loop = require("mrl_kernels.reference", "nested_cross_entropy")
+
+    def loss(x, w, t):
+        return loop(x, w, t, dims)
+
+    return torch.compile(loss, dynamic=False)
+
+
+def _compiled_loop(case: Case, device: str):
+    p, dims, _ = _params(case)
+    if p["head"] != COMPILE_HEAD.get(device):
+        raise Unavailable(f"torch.compile is slow: only at the {COMPILE_HEAD.get(device)!r} head on {device}")
+    _check_memory(case, _loop_bytes(case), "the compiled loop")
+    key = (dims, device)
+    if key in _compile_failures:
+        raise Unavailable(_compile_failures[key])
+    compiled = _compiled(dims, device)
+    fn = _moded(compiled, p["mode"])
+    extra = {}
+
+    def guarded(call):
+        def run(*args):
+            try:
+                return call(*args)
+            except Exception as e:  # a compile failure is a missing provider, not a broken one
+                _compile_failures[key] = f"torch.compile failed: {type(e).__name__}: {e}"[:300]
+                raise Unavailable(_compile_failures[key]) from e
+
+        return run
+
+    checked = guarded(fn)
+
+    def timed(*args):
+        if extra:
+            return fn(*args)
+        start = time.perf_counter()
+        out = checked(*args)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        extra["first_call_s"] = time.perf_counter() - start
+        extra["note"] = f"first call {extra['first_call_s']:.1f} s (any compile)"
+        return out
+
+    if hasattr(fn, "prepare"):
+        timed.prepare = guarded(fn.prepare)
+    timed.extra = extra
+    return timed
+
+
+def _torch_linear_ce(case: Case, device: str):
+    p, dims, _ = _params(case)
+    if not hasattr(F, "linear_cross_entropy"):
+        raise Unavailable(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy")
+    chunked = "options" in inspect.signature(F.linear_cross_entropy).parameters and hasattr(
+        torch.nn, "LinearCrossEntropyOptions")
+    if chunked:
+        kwargs = {"options": torch.nn.LinearCrossEntropyOptions()}
+        note = "chunked path (options=LinearCrossEntropyOptions()): gradients computed in its forward"
+    else:
+        _check_memory(case, _loop_bytes(case), "F.linear_cross_entropy without chunking")
+        kwargs, note = {}, "no chunking options in this torch: the eager loop again"
+
+    def loss(x, w, t):
+        return sum(F.linear_cross_entropy(x[:, :m], w[:, :m], t, **kwargs) for m in dims)
+
+    fn = _moded(loss, p["mode"])
+    fn.extra = {"note": note}
+    return fn
+
+
+def _ours(backend: str, needs_cuda: bool = False):
+    def factory(case: Case, device: str):
+        if needs_cuda:
+            _needs_cuda(device, f"backend={backend!r}")
+        if backend == "torch" and device == "cuda" and case.params["head"] not in TORCH_BACKEND_GPU_HEADS:
+            raise Unavailable("the torch fallback is the CPU path: on CUDA only at the imagenet head (at large C "
+                              "its row chunks are small and it is launch-bound: seconds per call)")
+        op = require("mrl_kernels", "matryoshka_linear_cross_entropy")
+        dims = tuple(case.params["dims"])
+        return _moded(lambda x, w, t: op(x, w, t, dims, backend=backend), case.params["mode"])
+
+    return factory
+
+
+def _cce(case: Case, device: str):
+    _needs_cuda(device, "cut-cross-entropy")
+    lce = require("cut_cross_entropy", "linear_cross_entropy")
+    dims = tuple(case.params["dims"])
+
+    def loss(x, w, t):
+        return sum(lce(x[:, :m].contiguous(), w[:, :m].contiguous(), t) for m in dims)
+
+    fn = _moded(loss, case.params["mode"])
+    fn.extra = {"note": "per dim, defaults (filter_eps='high'); slice copies timed"}
+    return fn
+
+
+def _liger_chunks(n: int, c: int, dims) -> int:
+    """Row chunks of one Liger call per dim, summed (its rule: chunk = next_pow2(N / ceil(C / m)) rows)."""
+    total = 0
+    for m in dims:
+        size = min(n, 1 << max(0, math.ceil(math.log2(math.ceil(n / math.ceil(c / m))))))
+        total += math.ceil(n / size)
+    return total
+
+
+def _liger(case: Case, device: str):
+    _needs_cuda(device, "Liger-Kernel")
+    p = case.params
+    chunks = _liger_chunks(p["N"], p["C"], p["dims"])
+    if p["mode"] != "fwd+bwd" and chunks > LIGER_MAX_CHUNKS:
+        raise Unavailable(f"{chunks} row chunks per call (~1 s, launch-bound): timed in fwd+bwd only, and "
+                          "Liger does the backward's work in its forward anyway")
+    function = require("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
+    dims = tuple(case.params["dims"])
+
+    def loss(x, w, t):
+        return sum(function.apply(x[:, :m].contiguous(), w[:, :m].contiguous(), t)[0] for m in dims)
+
+    fn = _moded(loss, case.params["mode"])
+    fn.extra = {"note": "per dim; gradients computed in its forward; slice copies timed"}
+    return fn
+
+
+def _cce_floor(case: Case, device: str):
+    _needs_cuda(device, "cut-cross-entropy")
+    lce = require("cut_cross_entropy", "linear_cross_entropy")
+    # Another loss than the others': no rel err (compare=False returns nothing to compare).
+    fn = _moded(lambda x, w, t: lce(x, w, t), case.params["mode"], compare=False)
+    fn.extra = {"note": "ONE full-dim CCE call: the floor, not the same loss"}
+    return fn
+
+
+SUITE = register(Suite(
+    name="nested_ce",
+    baseline="reference",
+    cases=cases,
+    make_inputs=make_inputs,
+    providers={
+        "reference": _reference,
+        "compiled_loop": _compiled_loop,
+        "torch_linear_ce": _torch_linear_ce,
+        "ours_torch": _ours("torch"),
+        "ours_triton": _ours("triton", needs_cuda=True),
+        "cce": _cce,
+        "liger": _liger,
+        "cce_full_dim_floor": _cce_floor,
+    },
+    metric="TFLOP/s",
+    floor="cce_full_dim_floor",
+    # The GPU budget is small: few reps (the big head's calls take 100+ ms each, so min_reps rules there).
+    timing={"cuda": Timing(warmup_ms=20, rep_ms=60, min_reps=3, max_reps=30, max_copies=2)},
+))
