@@ -348,7 +348,9 @@ def run_case(suite: Suite, case: Case, device: str, timing: Timing, env: dict) -
     copies = [inputs] + [suite.make_inputs(case, device, seed)
                          for seed in range(1, n_copies(_nbytes(inputs), cache_bytes(device), timing.max_copies))]
     ref, records = None, []
-    for name in [suite.baseline] + [p for p in suite.providers if p != suite.baseline]:
+    # $MRL_BENCH_PROVIDERS, a comma-separated subset, trims a run (the baseline always runs: ratios need it).
+    wanted = [p for p in os.environ.get("MRL_BENCH_PROVIDERS", "").split(",") if p]
+    for name in [suite.baseline] + [p for p in suite.providers if p != suite.baseline and (not wanted or p in wanted)]:
         rec = {"case": case.name, "provider": name, "params": case.params, "flops": case.flops,
                "bytes": case.bytes, "status": "ok", **env, "timing": dataclasses.asdict(timing)}
         try:

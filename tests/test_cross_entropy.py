@@ -205,3 +205,17 @@ def test_torch_path_refuses_a_second_backward():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+def test_auto_on_cuda_follows_the_measurements():
+    """On a GPU, "auto" trains through the eager loop while its logits fit (the Triton backward is slower,
+    see bench/results/nvidia-h200*/nested_ce.md) and uses Triton otherwise."""
+    from mrl_kernels.ops.cross_entropy import EAGER_AUTO_BYTES, _auto_cuda_backend
+
+    x, w = torch.randn(8, 70, requires_grad=True), torch.randn(101, 70)
+    assert _auto_cuda_backend(x, w, None, (3, 70), None) == "reference"
+    assert _auto_cuda_backend(x.detach(), w, None, (3, 70), torch.randn(101, requires_grad=True)) == "reference"
+    with torch.no_grad():
+        assert _auto_cuda_backend(x, w, None, (3, 70), None) == "triton"
+    big = torch.empty(EAGER_AUTO_BYTES // (12 * 101 * 2) + 1, 70, device="meta", requires_grad=True)
+    assert _auto_cuda_backend(big, w.to("meta"), None, (3, 70), None) == "triton"

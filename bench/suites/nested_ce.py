@@ -37,8 +37,8 @@ Providers:
                       same loss (no rel err), the floor for "all dims cost at most 1.3x one full-dim CCE
                       call"; vs floor = median / its median.
 A provider whose package is missing, or that would need more than MEMORY_BUDGET bytes (the eager loop
-materialises len(dims) logits matrices), is skipped with the reason; so are the slow ones named in
-_ours (the torch fallback on CUDA beyond the imagenet head) and _liger (fwd and bwd alone at the vocab head).
+materialises len(dims) logits matrices), is skipped with the reason; so is _liger's fwd and bwd alone at
+the vocab head (slow).
 
 Trimming a run: $NESTED_CE_MODES (e.g. "fwd+bwd") and $NESTED_CE_HEADS (e.g. "imagenet,jft"; not --quick)
 take comma-separated subsets.
@@ -71,7 +71,6 @@ GPU_HEADS = [
 ]
 QUICK_HEAD = ("tiny", 64, 64, 50, (8, 16, 32, 64))
 COMPILE_HEAD = {"cpu": "imagenet", "cuda": "imagenet"}  # torch.compile is slow: one head per device
-TORCH_BACKEND_GPU_HEADS = ("imagenet", "tiny")
 LIGER_MAX_CHUNKS = 4096  # above this many row chunks per call, time Liger in fwd+bwd only
 
 
@@ -255,9 +254,6 @@ def _ours(backend: str, needs_cuda: bool = False):
     def factory(case: Case, device: str):
         if needs_cuda:
             _needs_cuda(device, f"backend={backend!r}")
-        if backend == "torch" and device == "cuda" and case.params["head"] not in TORCH_BACKEND_GPU_HEADS:
-            raise Unavailable("the torch fallback is the CPU path: on CUDA only at the imagenet head (at large C "
-                              "its row chunks are small and it is launch-bound: seconds per call)")
         op = require("mrl_kernels", "matryoshka_linear_cross_entropy")
         dims = tuple(case.params["dims"])
         return _moded(lambda x, w, t: op(x, w, t, dims, backend=backend), case.params["mode"])

@@ -40,7 +40,10 @@ def matryoshka_linear_cross_entropy(features, weight, target, dims, bias=None, d
     dim_weights = check_dim_weights(dim_weights, len(dims))
     label_smoothing = check_finite(label_smoothing, "label_smoothing", low=0.0, high=1.0)
     check_choice(reduction, "reduction", REDUCTIONS)
+    requested = backend
     backend = resolve_backend("matryoshka_linear_cross_entropy", backend, features.device, IMPLEMENTED)
+    if requested == "auto" and backend == "triton":
+        backend = _auto_cuda_backend(features, weight, target, dims, bias)
     if backend == "reference":
         return reference.nested_cross_entropy(features, weight if shared else list(weight), target, dims,
                                               bias=bias if bias is None or shared else list(bias),
@@ -63,6 +66,23 @@ def matryoshka_linear_cross_entropy(features, weight, target, dims, bias=None, d
     total = per_dim @ torch.tensor(dim_weights, dtype=per_dim.dtype, device=per_dim.device)
     total = total.to(features.dtype)
     return (total, per_dim.detach()) if return_per_dim else total
+
+
+# Above this the eager loop's per-dim logits (with their softmax and gradient, fp32) are not worth holding.
+EAGER_AUTO_BYTES = 8 * 2**30
+
+
+def _auto_cuda_backend(features, weight, target, dims, bias) -> str:
+    """What "auto" runs on a GPU, from the H200 measurements in bench/results/nvidia-h200*/nested_ce.md:
+    the Triton forward builds no logits and beats the eager loop from C = 21,841 up, but the Triton backward
+    is still 5-8x slower than the eager loop's. So training steps that fit go to the eager loop, the rest
+    (forward only, or logits too large to hold) to Triton."""
+    as_list = lambda t: list(t) if isinstance(t, (list, tuple)) else [t]  # noqa: E731
+    params = [t for t in (features, *as_list(weight), *as_list(bias)) if t is not None]
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    n_classes = weight.shape[0] if isinstance(weight, torch.Tensor) else weight[0].shape[0]
+    eager_bytes = 3 * 4 * features.shape[0] * n_classes * len(dims)
+    return "reference" if wants_grad and eager_bytes <= EAGER_AUTO_BYTES else "triton"
 
 
 def _fused_head(features, weight, bias, dims, shared):
