@@ -8,7 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import rel_error
 
-import mrl_kernels as mk
 from mrl_kernels.nn import MatryoshkaCrossEntropyLoss, MatryoshkaLinear, MatryoshkaLinearCrossEntropy
 
 N, C, D = 37, 101, 70
