@@ -12,17 +12,16 @@ DIMS = [(3, 17, 70), (17, 3, 70), (70,), (1, 2)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def make_inputs(dims, shared, with_bias, dtype, device, n=N, c=C, ignore_index=-100, seed=None):
+def make_inputs(dims, shared, with_bias, dtype, device, n=N, c=C, ignore_index=-100, seed=None, d=D):
     g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    x = rand(n, D)
+    x = rand(n, d)
     if shared:
-        w = rand(c, D) / D**0.5
+        w = rand(c, d) / d**0.5
         b = rand(c) if with_bias else None
     else:
         w = [rand(c, m) / m**0.5 for m in dims]
-        b = [rand(c), None] + [rand(c)] * (len(dims) - 2) if with_bias else None
-        b = b[:len(dims)] if b else b
+        b = [None if j == 1 else rand(c) for j in range(len(dims))] if with_bias else None
     t = torch.randint(0, c, (n,), generator=g)
     t[::6] = ignore_index
     return x, w, b, t.to(device)
@@ -40,8 +39,9 @@ def float64(t):
     return None if t is None else t.detach().cpu().double().requires_grad_()
 
 
-def check(backend, dims, shared, with_bias, dtype, device, **options):
-    x, w, b, t = make_inputs(dims, shared, with_bias, dtype, device, ignore_index=options.get("ignore_index", -100))
+def check(backend, dims, shared, with_bias, dtype, device, d=D, **options):
+    x, w, b, t = make_inputs(dims, shared, with_bias, dtype, device, ignore_index=options.get("ignore_index", -100),
+                             d=d)
     params = leaves(x, w, b)
     for p in params:
         p.requires_grad_()
@@ -71,6 +71,17 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
 def test_matches_float64(backend, dims, shared, with_bias, kernel_device):
     device = kernel_device if backend == "triton" else "cpu"
     check(backend, dims, shared, with_bias, torch.float32, device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", [(12, 24, 96, 192), (8, 16, 64, 192), (192,)])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_dim"])
+def test_dims_on_tile_boundaries(backend, dims, shared, kernel_device):
+    """Dims that are multiples of the K tile from some point on: the kernels walk whole tiles there (their
+    fast loop) after the chunks below; features wider than the largest dim."""
+    device = kernel_device if backend == "triton" else "cpu"
+    check(backend, dims, shared, True, torch.float32, device, d=200, label_smoothing=0.1)
+    check(backend, dims, shared, False, torch.bfloat16, device, d=200)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -57,12 +57,22 @@ def split_launch_options(cfg: dict) -> tuple[dict, dict]:
     return {k: v for k, v in cfg.items() if k not in options}, options
 
 
+# Integer arguments that a launch passes as multiples of 16 in the usual shapes (row strides of 2048-wide
+# features, tile-aligned column ranges): the JIT specializes such values, and so does the AOT check.
+DIVISIBLE_INTS = ("stride_x", "stride_w", "stride_out", "k_start", "k_end")
+
+
 def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4,
                    num_stages: int = 3) -> CompileReport:
-    # Triton's default num_stages is 3, so a launcher that does not pass it compiles like this.
     """Compile `fn` for sm_<arch>. `signature` maps every argument to a Triton type ('*fp16', 'i32',
-    'constexpr'); `constexprs` gives the constexpr values. Raises on any compile error."""
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    'constexpr'); `constexprs` gives the constexpr values. Raises on any compile error. Like a JIT
+    launch, pointers (torch allocations are 256-byte aligned) and the DIVISIBLE_INTS are marked as
+    multiples of 16: without that hint loads are not vectorized and loops are not software-pipelined,
+    so the report would describe a different kernel. Triton's default num_stages is 3."""
+    aligned = [i for i, (name, ty) in enumerate(signature.items())
+               if ty.startswith("*") or (name in DIVISIBLE_INTS and ty in ("i32", "i64"))]
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     target = GPUTarget("cuda", arch, 32)
     compiled = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]

@@ -2,11 +2,12 @@
 
 With D_j = dL/dlogits_j = coef_j (softmax_j - onehot), feature segment s = [m_{s-1}, m_s) feeds every
 logits_j with j >= s, so its gradient is G_s = sum_{j>=s} D_j: dx[:, seg] = G_s W[:, seg],
-dW[:, seg] = G_s^T x[:, seg]. For each group of chunks sharing an accumulator (see chunk_table), the
-program recomputes the logits tile over the group, then walks its chunks from last to first: where a
-chunk ends at a nesting boundary it adds that dim's D_j to G, then adds the chunk's dx and dW, and (shared
-head) subtracts the chunk's product to step back to the previous boundary's logits. Tiles of different
-programs meet in dx and dW, which are accumulated in fp32 with atomic adds.
+dW[:, seg] = G_s^T x[:, seg]. Shared head: the program recomputes the logits tile (the forward's walk, see
+its ChunkPlan), then walks the pieces from last to first (whole tiles, then the chunks below k_start):
+where a piece ends at a nesting boundary it adds that dim's D_j to G, then adds the piece's dx and dW,
+and subtracts the piece's product to step back to the previous boundary's logits. Per-dim heads: each
+head's logits, its D_j, then its dx and dW. Tiles of different programs meet in dx and dW, which are
+accumulated in fp32 with atomic adds.
 """
 import torch
 import triton
@@ -14,7 +15,7 @@ import triton.language as tl
 
 from .aot import pointer
 from .indexing import row_offsets
-from .nested_ce_forward import CHUNK_FIELDS, LOG2E, aot_launches, chunk_product, chunk_table, launch_config
+from .nested_ce_forward import CHUNK_FIELDS, LOG2E, aot_launches, chunk_plan, chunk_product, launch_config
 
 
 @triton.jit
@@ -26,9 +27,33 @@ def softmax_grad(z, lse, coef, cls, ok, target, smoothing, n_classes):
 
 
 @triton.jit
+def add_dim_grad(grad, acc, dim, cls, cls_ok, row_ok, target, LSE, COEF, stats, BIAS, DB, stride_bias, smoothing,
+                 n_classes, SHARED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """grad + D_dim for the finished logits tile `acc` of dim `dim`; adds D_dim's column sums to dbias."""
+    z = acc
+    bias_row = (0 if SHARED else dim) * stride_bias
+    if HAS_BIAS:
+        z += tl.load(BIAS + bias_row + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
+    lse = tl.load(LSE + stats + dim, mask=row_ok, other=0.0)
+    coef = tl.load(COEF + stats + dim, mask=row_ok, other=0.0)
+    d = softmax_grad(z, lse, coef, cls, row_ok[:, None] & cls_ok[None, :], target, smoothing, n_classes)
+    if HAS_BIAS:
+        tl.atomic_add(DB + bias_row + cls, tl.sum(d, axis=0), mask=cls_ok)
+    return grad + d
+
+
+@triton.jit
+def add_tile_grads(grad, xt, wt, dx_ptrs, dw_ptrs, dx_mask, dw_mask, PRECISION: tl.constexpr):
+    """dx += grad @ W_tile, dW_tile += grad^T @ x_tile (fp32 atomics: other programs add to the same places)."""
+    g = grad.to(xt.dtype)
+    tl.atomic_add(dx_ptrs, tl.dot(g, wt, input_precision=PRECISION), mask=dx_mask)
+    tl.atomic_add(dw_ptrs, tl.dot(tl.trans(g), xt, input_precision=PRECISION), mask=dw_mask)
+
+
+@triton.jit
 def nested_ce_backward_kernel(
-    X, W, BIAS, TARGET, LSE, COEF, DX, DW, DB, CHUNKS, GROUPS,
-    n_rows, n_classes, n_dims, n_groups, stride_x, stride_w, stride_bias, smoothing,
+    X, W, BIAS, TARGET, LSE, COEF, DX, DW, DB, CHUNKS, FOLD_AT, HEADS,
+    n_rows, n_classes, n_dims, n_chunks, k_start, k_end, stride_x, stride_w, stride_bias, smoothing,
     SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, K_ALIGN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -36,43 +61,64 @@ def nested_ce_backward_kernel(
     cls = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     cls_ok = cls < n_classes
-    ok = row_ok[:, None] & cls_ok[None, :]
+    kk = tl.arange(0, BLOCK_K)
     target = tl.load(TARGET + rows, mask=row_ok, other=-1)
     x_rows = X + row_offsets(rows, stride_x)[:, None]
     w_rows = W + row_offsets(cls, stride_w)[:, None]
     dx_rows = DX + row_offsets(rows, stride_x)[:, None]  # dx and dW are fp32 with x's and W's strides
     dw_rows = DW + row_offsets(cls, stride_w)[:, None]
     stats = row_offsets(rows, n_dims)                     # LSE and COEF are [n_rows, n_dims]
-    for group in range(n_groups):
-        first = tl.load(GROUPS + group)
-        end = tl.load(GROUPS + group + 1)
+    grad = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if SHARED:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for chunk in range(first, end):
+        for chunk in range(n_chunks):
             acc, _, _, _, _, _ = chunk_product(acc, x_rows, w_rows, row_ok, cls_ok, CHUNKS, chunk, 1.0, K_ALIGN,
                                                BLOCK_K, PRECISION)
-        grad = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for back in range(end - first):
-            chunk = end - 1 - back
-            dim = tl.load(CHUNKS + chunk * CHUNK_FIELDS + 3)
+        for k in range(k_start, k_end, BLOCK_K):
+            xt = tl.load(x_rows + (k + kk)[None, :], mask=row_ok[:, None], other=0.0)
+            wt = tl.load(w_rows + (k + kk)[None, :], mask=cls_ok[:, None], other=0.0)
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+        n_tiles = (k_end - k_start) // BLOCK_K
+        for back in range(n_tiles):  # whole tiles, last to first
+            k = k_end - (back + 1) * BLOCK_K
+            dim = tl.load(FOLD_AT + n_tiles - 1 - back)
             if dim >= 0:  # acc holds logits_dim: add D_dim to the segment gradient
-                z = acc
-                bias_row = (0 if SHARED else dim) * stride_bias
-                if HAS_BIAS:
-                    z += tl.load(BIAS + bias_row + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
-                lse = tl.load(LSE + stats + dim, mask=row_ok, other=0.0)
-                coef = tl.load(COEF + stats + dim, mask=row_ok, other=0.0)
-                d = softmax_grad(z, lse, coef, cls, ok, target, smoothing, n_classes)
-                grad += d
-                if HAS_BIAS:
-                    tl.atomic_add(DB + bias_row + cls, tl.sum(d, axis=0), mask=cls_ok)
-            # The chunk's product leaves acc (shared head: step back a chunk) and gives its x and W tiles.
+                grad = add_dim_grad(grad, acc, dim, cls, cls_ok, row_ok, target, LSE, COEF, stats, BIAS, DB, stride_bias,
+                                    smoothing, n_classes, SHARED, HAS_BIAS)
+            xt = tl.load(x_rows + (k + kk)[None, :], mask=row_ok[:, None], other=0.0)
+            wt = tl.load(w_rows + (k + kk)[None, :], mask=cls_ok[:, None], other=0.0)
+            add_tile_grads(grad, xt, wt, dx_rows + (k + kk)[None, :], dw_rows + (k + kk)[None, :],
+                           row_ok[:, None], cls_ok[:, None], PRECISION)
+            acc -= tl.dot(xt, tl.trans(wt), input_precision=PRECISION)  # step back to the previous boundary
+        for back in range(n_chunks):  # then the chunks below k_start, last to first
+            chunk = n_chunks - 1 - back
+            dim = tl.load(CHUNKS + chunk * CHUNK_FIELDS + 3)
+            if dim >= 0:
+                grad = add_dim_grad(grad, acc, dim, cls, cls_ok, row_ok, target, LSE, COEF, stats, BIAS, DB, stride_bias,
+                                    smoothing, n_classes, SHARED, HAS_BIAS)
             acc, xt, wt, cols, col_ok, w_shift = chunk_product(acc, x_rows, w_rows, row_ok, cls_ok, CHUNKS, chunk,
                                                                -1.0, K_ALIGN, BLOCK_K, PRECISION)
-            g = grad.to(xt.dtype)
-            tl.atomic_add(dx_rows + cols[None, :], tl.dot(g, wt, input_precision=PRECISION),
-                          mask=row_ok[:, None] & col_ok[None, :])
-            tl.atomic_add(dw_rows + (w_shift + cols)[None, :], tl.dot(tl.trans(g), xt, input_precision=PRECISION),
-                          mask=cls_ok[:, None] & col_ok[None, :])
+            add_tile_grads(grad, xt, wt, dx_rows + cols[None, :], dw_rows + (w_shift + cols)[None, :],
+                           row_ok[:, None] & col_ok[None, :], cls_ok[:, None] & col_ok[None, :], PRECISION)
+    else:
+        for head in range(n_dims):  # HEADS rows: (m, first weight column, caller's index)
+            m = tl.load(HEADS + 3 * head)
+            w0 = tl.multiple_of(tl.load(HEADS + 3 * head + 1), K_ALIGN)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k in range(0, m, BLOCK_K):
+                col_ok = k + kk < m
+                xt = tl.load(x_rows + (k + kk)[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                wt = tl.load(w_rows + (w0 + k + kk)[None, :], mask=cls_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+            d = add_dim_grad(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), acc, tl.load(HEADS + 3 * head + 2), cls,
+                             cls_ok, row_ok, target, LSE, COEF, stats, BIAS, DB, stride_bias, smoothing, n_classes,
+                             SHARED, HAS_BIAS)
+            for k in range(0, m, BLOCK_K):
+                col_ok = k + kk < m
+                xt = tl.load(x_rows + (k + kk)[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                wt = tl.load(w_rows + (w0 + k + kk)[None, :], mask=cls_ok[:, None] & col_ok[None, :], other=0.0)
+                add_tile_grads(d, xt, wt, dx_rows + (k + kk)[None, :], dw_rows + (w0 + k + kk)[None, :],
+                               row_ok[:, None] & col_ok[None, :], cls_ok[:, None] & col_ok[None, :], PRECISION)
 
 
 def nested_ce_backward_triton(grad_losses, x, w, bias, target, lse, dims, shared, ignore_index, label_smoothing):
@@ -80,8 +126,7 @@ def nested_ce_backward_triton(grad_losses, x, w, bias, target, lse, dims, shared
     x, w = x.contiguous(), w.contiguous()
     n_rows, n_classes = x.shape[0], w.shape[0]
     cfg = launch_config(x.dtype, backward=True)
-    chunks, groups, k_align = chunk_table(dims, shared, cfg["BLOCK_K"], x.device)
-    groups = torch.tensor(groups, dtype=torch.int32, device=x.device)
+    plan = chunk_plan(dims, shared, cfg["BLOCK_K"], x.device)
     coef = (grad_losses.float() * (target != ignore_index)[:, None]).contiguous()
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device)
@@ -89,9 +134,9 @@ def nested_ce_backward_triton(grad_losses, x, w, bias, target, lse, dims, shared
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), triton.cdiv(n_classes, cfg["BLOCK_N"]))
     nested_ce_backward_kernel[grid](
         x, w, bias if bias is not None else w, target, lse.contiguous(), coef, dx, dw, db if bias is not None else dw,
-        chunks, groups, n_rows, n_classes, len(dims), groups.numel() - 1, x.stride(0), w.stride(0),
-        bias.stride(0) if bias is not None else 0, float(label_smoothing),
-        SHARED=shared, HAS_BIAS=bias is not None, K_ALIGN=k_align, **cfg)
+        plan.chunks, plan.fold_at, plan.heads, n_rows, n_classes, len(dims), plan.chunks.shape[0], plan.k_start,
+        plan.k_end, x.stride(0), w.stride(0), bias.stride(0) if bias is not None else 0, float(label_smoothing),
+        SHARED=shared, HAS_BIAS=bias is not None, K_ALIGN=plan.k_align, **cfg)
     return dx.to(x.dtype), dw.to(w.dtype), db.to(bias.dtype) if bias is not None else db
 
 
@@ -99,7 +144,8 @@ def aot_specs():
     for label, dtype, constexprs, options in aot_launches(backward=True):
         signature = {"X": pointer(dtype), "W": pointer(dtype), "BIAS": pointer(dtype), "TARGET": "*i64",
                      "LSE": "*fp32", "COEF": "*fp32", "DX": "*fp32", "DW": "*fp32", "DB": "*fp32", "CHUNKS": "*i32",
-                     "GROUPS": "*i32", "n_rows": "i32", "n_classes": "i32", "n_dims": "i32", "n_groups": "i32",
-                     "stride_x": "i32", "stride_w": "i32", "stride_bias": "i32", "smoothing": "fp32"}
+                     "FOLD_AT": "*i32", "HEADS": "*i32", "n_rows": "i32", "n_classes": "i32", "n_dims": "i32",
+                     "n_chunks": "i32", "k_start": "i32", "k_end": "i32", "stride_x": "i32", "stride_w": "i32",
+                     "stride_bias": "i32", "smoothing": "fp32"}
         signature.update({name: "constexpr" for name in constexprs})
         yield label, nested_ce_backward_kernel, signature, constexprs, options
