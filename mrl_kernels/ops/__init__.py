@@ -2,6 +2,14 @@
 from .contrastive import matryoshka_contrastive_loss
 from .cross_entropy import matryoshka_linear_cross_entropy
 from .prefix_norms import prefix_norms
-from .search import prefix_topk
+from .search import adaptive_search, funnel_search, prefix_topk, rerank
 
-__all__ = ["matryoshka_contrastive_loss", "matryoshka_linear_cross_entropy", "prefix_norms", "prefix_topk"]
+__all__ = [
+    "adaptive_search",
+    "funnel_search",
+    "matryoshka_contrastive_loss",
+    "matryoshka_linear_cross_entropy",
+    "prefix_norms",
+    "prefix_topk",
+    "rerank",
+]

@@ -1,0 +1,154 @@
+"""search: exact top-k on a prefix of stored full vectors, and the paper's adaptive and funnel retrieval.
+
+Data: mrl_kernels.datasets.synthetic_mrl_embeddings (seeded; per-dim variance decaying like an MRL
+embedding, clustered, so recall means something), metric "ip". Cases:
+  topk-d{d}-k{k}       prefix_topk at d dims. Providers: reference (the eager slice + matmul + topk over the
+                       whole Q x N score matrix: the baseline on the CPU), ours_torch (backend="torch": chunked,
+                       bounded memory, reads the prefix in place), ours_triton (CUDA), faiss (faiss-cpu
+                       IndexFlatIP on a contiguous copy of the prefix: FAISS cannot read a strided prefix; the
+                       copy and the index build happen once, outside the timing, and are recorded as
+                       copy_s in the note).
+  adaptive-k10         16 dims -> 200 candidates -> re-rank at the full dim (the paper's adaptive retrieval).
+  funnel-k10           8 -> 16, 32, 64, 128, full with 200, 100, 50, 25, 10 (the paper's funnel).
+  exact-k10            the full-dim exact search the two above are compared with.
+Every retrieval case records recall@10 against the exact full-dim top-10 (in the note) next to its time.
+FLOPs: 2 * Q * N * d for the scoring; bytes: the prefix read once (N * d * itemsize) plus the queries.
+On CUDA (N = 1M and 10M, D = 2048 fp16, Q = 10,000) the baseline is ours_torch, the chunked
+slice + matmul + topk, since the whole score matrix would not fit.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+from bench.harness import Case, Suite, Timing, Unavailable, register, require
+
+FUNNEL = ((8, 16, 32, 64, 128, None), (200, 100, 50, 25, 10))  # None: the full dim
+
+
+def _case(kind: str, n: int, d_full: int, q: int, dtype: str, dim=None, k: int = 10) -> Case:
+    dim = d_full if dim is None else dim
+    name = f"{kind}-d{dim}-k{k}" if kind == "topk" else f"{kind}-k{k}"
+    itemsize = getattr(torch, dtype).itemsize
+    return Case(f"{name}-N{n}-Q{q}-{dtype}", {"kind": kind, "N": n, "D": d_full, "Q": q, "dtype": dtype,
+                                              "dim": dim, "k": k},
+                flops=2 * q * n * dim, bytes=(n + q) * dim * itemsize)
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    if quick:
+        n, d, q, dtype, dims, ks = 3001, 256, 64, "float32", (16, 256), (10, 200)
+    elif device == "cuda":
+        return [_case("topk", n, 2048, 10_000, "float16", dim, k)
+                for n in (1_000_000, 10_000_000) for dim in (16, 64) for k in (200, 2048)]
+    else:
+        n, d, q, dtype, dims, ks = 200_000, 2048, 1000, "float32", (16, 64, 2048), (10, 200)
+    topk = [_case("topk", n, d, q, dtype, dim, k) for dim in dims for k in ks]
+    return topk + [_case(kind, n, d, q, dtype) for kind in ("exact", "adaptive", "funnel")]
+
+
+@functools.lru_cache(maxsize=1)
+def _data(n: int, d: int, q: int, dtype: str, device: str, seed: int):
+    from mrl_kernels.datasets import synthetic_mrl_embeddings
+
+    return synthetic_mrl_embeddings(n, d, q, seed=seed, dtype=getattr(torch, dtype), device=device)
+
+
+def make_inputs(case: Case, device: str, seed: int) -> tuple:
+    p = case.params
+    database, queries = _data(p["N"], p["D"], p["Q"], p["dtype"], device, seed)
+    return queries, database
+
+
+@functools.lru_cache(maxsize=1)
+def _exact_ids(queries: torch.Tensor, database: torch.Tensor):
+    from mrl_kernels import reference
+
+    return reference.prefix_topk(queries.float(), database.float(), 10)[1].cpu()
+
+
+def _recall_at_10(ids: torch.Tensor, queries, database) -> float:
+    exact = _exact_ids(queries, database)
+    found = ids[:, :10].cpu()
+    return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, exact)) / exact.numel()
+
+
+def _search(module: str, kind: str, p: dict, **kw):
+    """The search function of `module` (mrl_kernels or mrl_kernels.reference) for a case kind."""
+    dims, shortlists = FUNNEL
+    if kind == "topk":
+        fn = require(module, "prefix_topk")
+        return lambda q, db: fn(q, db, p["k"], dim=p["dim"], **kw)
+    if kind == "exact":
+        fn = require(module, "prefix_topk")
+        return lambda q, db: fn(q, db, p["k"], **kw)
+    if kind == "adaptive":
+        fn = require(module, "adaptive_search")
+        return lambda q, db: fn(q, db, p["k"], shortlist=200, shortlist_dim=16, **kw)
+    fn = require(module, "funnel_search")
+    return lambda q, db: fn(q, db, p["k"], tuple(m or p["D"] for m in dims), shortlists, **kw)
+
+
+def _with_recall(search, case: Case):
+    """Records recall@10 against the exact full-dim search on the first call (untimed: the warm-up)."""
+
+    def fn(queries, database):
+        out = search(queries, database)
+        if "note" not in fn.extra and case.params["k"] >= 10:
+            fn.extra["note"] = f"recall@10 {_recall_at_10(out[1], queries, database):.4f}"
+        return out
+
+    fn.extra = {}
+    return fn
+
+
+def _reference(case: Case, device: str):
+    if device == "cuda":
+        raise Unavailable("the whole Q x N score matrix does not fit: the CUDA baseline is ours_torch")
+    return _with_recall(_search("mrl_kernels.reference", case.params["kind"], case.params), case)
+
+
+def _ours(backend: str):
+    def factory(case: Case, device: str):
+        if backend == "triton" and device != "cuda":
+            raise Unavailable("backend='triton' runs Triton kernels: CUDA only")
+        return _with_recall(_search("mrl_kernels", case.params["kind"], case.params, backend=backend), case)
+
+    return factory
+
+
+def _faiss(case: Case, device: str):
+    p = case.params
+    if device != "cpu" or p["kind"] not in ("topk", "exact"):
+        raise Unavailable("faiss-cpu: exact flat search on the CPU only")
+    faiss = require("faiss")
+    built = {}
+
+    def fn(queries, database):
+        if id(database) not in built:  # the warm-up call: copy the prefix out and build the index
+            start = time.perf_counter()
+            prefix = database[:, :p["dim"]].float().contiguous().numpy()
+            index = faiss.IndexFlatIP(p["dim"])
+            index.add(prefix)
+            built[id(database)] = index
+            fn.extra["note"] = f"prefix copy + index build {time.perf_counter() - start:.2f} s (not timed)"
+        scores, ids = built[id(database)].search(queries[:, :p["dim"]].float().contiguous().numpy(), p["k"])
+        return torch.from_numpy(scores), torch.from_numpy(ids)
+
+    fn.extra = {}
+    return fn
+
+
+SUITE = register(Suite(
+    name="search",
+    baseline="reference",
+    cases=cases,
+    make_inputs=make_inputs,
+    providers={"reference": _reference, "ours_torch": _ours("torch"), "ours_triton": _ours("triton"),
+               "faiss": _faiss},
+    metric="GB/s",
+    timing={"cpu": Timing(warmup_ms=0, rep_ms=1500, min_reps=3, max_reps=5, max_copies=1),
+            "cuda": Timing(warmup_ms=10, rep_ms=200, min_reps=3, max_reps=10, max_copies=1)},
+))

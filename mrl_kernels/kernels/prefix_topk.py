@@ -1,0 +1,270 @@
+"""Exact top-k search on a prefix of the dims: each query's best k database rows on the first `dim` columns,
+without writing the Q x N score matrix.
+
+Kernel (`prefix_topk_kernel`), grid = (query blocks, database splits). A program owns BLOCK_M queries and a
+split of whole BLOCK_N-row database tiles (the last split's tail is masked). Per tile it forms the scores with
+tl.dot over the first `dim` columns, read in place through the row stride (K loop of BLOCK_K columns, the tail
+masked), and in the same loop accumulates the sums of squares of the loaded query and database tiles, so the
+metric's normalisation needs no extra pass: "ip" q.x; "cosine" q.x / (max(|q|, 1e-12) max(|x|, 1e-12)) with
+prefix norms (a zero row scores 0, as F.normalize); "l2" max(|q|^2 + |x|^2 - 2 q.x, 0).
+Selection: every score becomes an int64 key that sorts like "better" (the fp32 bits of the score, or of minus
+the distance for l2, made order-preserving as a signed int32, in the high half; the database row in the low
+half), so one integer top-k carries the row ids with the scores. Each query keeps its best KS =
+next_power_of_2(k) <= KS_MAX keys, sorted; a tile is merged (a bitonic top-KS of the tile, ascending; the
+elementwise max with the running descending list holds the best KS as a bitonic sequence, which one bitonic
+merge sorts) only when some query of the block has a tile key above its current KS-th best, so past the
+first tiles most tiles cost just the dot. Programs write [Q, splits * KS] keys (every element: a split with
+fewer than KS rows pads with a sentinel below every real key); torch.topk over them and a decode of the keys
+give the result. Exact: the key order is the score order (ties broken by row id, any order being allowed).
+k > KS_MAX: the same kernel with SELECT=False writes oriented fp32 scores of one bounded [query batch,
+database chunk] block at a time (never the whole matrix), merged with torch.topk per chunk; still exact.
+
+NaN: a NaN score (from a NaN in a query or database row, or inf - inf) gets the largest key, so it ranks first for every
+metric (for l2 that differs from torch.topk's smallest-k, which would put NaN last and silently drop it):
+NaN rows surface in the results with NaN scores instead of passing silently. Nothing crashes.
+"""
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import constexpr_function
+
+from .aot import pointer, split_launch_options
+from .indexing import row_offsets
+
+KS_MAX = 128  # largest in-kernel candidate list per query and split; larger k takes the chunked path
+LOW31 = tl.constexpr(0x7FFFFFFF)
+NAN_HI = tl.constexpr(0x7FFFFFFF)       # high half of a NaN score's key: above every real score
+EMPTY_HI = tl.constexpr(-0x80000000)    # high half of padding: the bits of a negative NaN, which never occur
+EPS = tl.constexpr(1e-12)               # F.normalize's floor on a norm
+
+
+@constexpr_function
+def _log2(n):
+    return n.bit_length() - 1
+
+
+@triton.jit
+def _indicator(n_dims: tl.constexpr, j: tl.constexpr):
+    return tl.reshape(tl.arange(0, 2), [1] * (n_dims - j - 1) + [2] + [1] * j)
+
+
+@triton.jit
+def _compare_and_swap(h, flip, i: tl.constexpr):
+    """One bitonic step on axis i (from the innermost) of a [2, 2, ...] hypercube: each pair becomes (min, max),
+    or (max, min) where flip is set. tl.sort's version finds the partner with xor_sum, which the interpreter
+    reduces one element at a time in Python; min / max over the pair axis run in NumPy there."""
+    n_dims: tl.constexpr = _log2(h.numel)
+    lo = tl.min(h, axis=n_dims - 1 - i, keep_dims=True)
+    hi = tl.max(h, axis=n_dims - 1 - i, keep_dims=True)
+    return tl.where((flip ^ _indicator(n_dims, i)) == 1, hi, lo)
+
+
+@triton.jit
+def _bitonic_stage(h, stage: tl.constexpr, order: tl.constexpr):
+    """order 0: ascending, 1: descending, 2: alternating runs of 2**stage."""
+    if order == 2:
+        flip = _indicator(_log2(h.numel), stage)
+    else:
+        flip = order
+    for i in tl.static_range(stage):
+        h = _compare_and_swap(h, flip, stage - 1 - i)
+    return h
+
+
+@triton.jit
+def _topk_last(x, K: tl.constexpr, ORDER: tl.constexpr):
+    """The K largest entries along the last axis of x (a power of two), sorted (ORDER 0: ascending, 1:
+    descending): bitonic sort of runs of K, then halving by pairwise max of an ascending and a descending run
+    (as tl.topk)."""
+    log_n: tl.constexpr = _log2(x.shape[len(x.shape) - 1])
+    log_k: tl.constexpr = _log2(K)
+    h = tl.reshape(x, [2] * _log2(x.numel))
+    for i in tl.static_range(1, log_k + 1):
+        h = _bitonic_stage(h, i, 2 if i < log_n else ORDER)
+    for i in tl.static_range(log_k + 1, log_n + 1):
+        h = tl.max(h, axis=_log2(h.numel) - 1 - log_k)
+        h = _bitonic_stage(h, log_k, 2 if i < log_n else ORDER)
+    return tl.reshape(h, [x.shape[0], K])
+
+
+@triton.jit
+def _merge_best(best, top):
+    """The K largest of best (descending) and top (ascending), descending: their elementwise max holds the K
+    largest as a bitonic sequence, which one bitonic merge sorts."""
+    h = tl.reshape(tl.maximum(best, top), [2] * _log2(best.numel))
+    h = _bitonic_stage(h, _log2(best.shape[1]), 1)
+    return tl.reshape(h, best.shape)
+
+
+@triton.jit
+def prefix_topk_kernel(
+    Q, X, OUT, n_queries, n_rows, dim, rows_per_split, stride_q, stride_x, stride_out,
+    METRIC: tl.constexpr,     # "ip", "cosine" or "l2"
+    SELECT: tl.constexpr,     # True: write each query's best KS keys per split; False: write oriented scores
+    KS: tl.constexpr,         # candidates kept per query and split (power of two, <= BLOCK_N)
+    PRECISION: tl.constexpr,  # tl.dot precision: "ieee" keeps fp32 inputs exact
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Tiles: BLOCK_M queries x BLOCK_N database rows, BLOCK_K columns per dot step.
+    # Masks: query rows >= n_queries (loaded as 0, never stored), database rows >= n_rows (key = padding,
+    # score never stored), columns >= dim (loaded as 0, adding nothing to dots or norms).
+    qrows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = qrows < n_queries
+    q_ptrs = Q + row_offsets(qrows, stride_q)[:, None]
+    kk = tl.arange(0, BLOCK_K)
+    # A loop bound taken from program_id breaks the interpreter: every split walks rows_per_split (whole tiles).
+    first = tl.program_id(1) * rows_per_split
+    best = tl.full([BLOCK_M, KS], EMPTY_HI, tl.int64) << 32
+    for n0 in range(0, rows_per_split, BLOCK_N):
+        xrows = first + n0 + tl.arange(0, BLOCK_N)
+        x_ok = xrows < n_rows
+        x_ptrs = X + row_offsets(xrows, stride_x)[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        sq_q = tl.zeros([BLOCK_M], tl.float32)
+        sq_x = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, dim, BLOCK_K):
+            col_ok = k0 + kk < dim
+            qt = tl.load(q_ptrs + (k0 + kk)[None, :], mask=q_ok[:, None] & col_ok[None, :], other=0.0)
+            xt = tl.load(x_ptrs + (k0 + kk)[None, :], mask=x_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(qt, tl.trans(xt), acc, input_precision=PRECISION)
+            if METRIC != "ip":
+                qf = qt.to(tl.float32)
+                xf = xt.to(tl.float32)
+                sq_q += tl.sum(qf * qf, axis=1)
+                sq_x += tl.sum(xf * xf, axis=1)
+        # Oriented score: larger is better for every metric.
+        if METRIC == "cosine":
+            inv_q = 1.0 / tl.maximum(tl.sqrt(sq_q), EPS)
+            inv_x = 1.0 / tl.maximum(tl.sqrt(sq_x), EPS)
+            s = acc * inv_q[:, None] * inv_x[None, :]
+        elif METRIC == "l2":
+            d = sq_q[:, None] + sq_x[None, :] - 2.0 * acc
+            s = -tl.where(d != d, d, tl.maximum(d, 0.0))  # the clamp must not swallow NaN
+        else:
+            s = acc
+        if SELECT:
+            bits = s.to(tl.int32, bitcast=True)
+            hi = bits ^ ((bits >> 31) & LOW31)  # order-preserving: negative floats flip their magnitude bits
+            hi = tl.where(s != s, NAN_HI, hi)
+            hi = tl.where(x_ok[None, :], hi, EMPTY_HI)
+            keys = (hi.to(tl.int64) << 32) | xrows.to(tl.int64)[None, :]
+            # Merge only when some query of the block has a key above its KS-th best.
+            better = tl.max(keys, axis=1) > tl.min(best, axis=1)
+            if tl.max(better.to(tl.int32), axis=0) > 0:
+                best = _merge_best(best, _topk_last(keys, KS, 0))
+        else:
+            out = OUT + row_offsets(qrows, stride_out)[:, None] + xrows[None, :]
+            tl.store(out, s, mask=q_ok[:, None] & x_ok[None, :])
+    if SELECT:
+        out = OUT + row_offsets(qrows, stride_out)[:, None] + (tl.program_id(1) * KS + tl.arange(0, KS))[None, :]
+        tl.store(out, best, mask=q_ok[:, None])
+
+
+def launch_config(dtype: torch.dtype, dim: int, ks: int) -> dict:
+    """Tiles for a launch; the AOT compile test compiles exactly these (see its register and spill report).
+    BLOCK_N >= KS so a tile's top KS exists; BLOCK_K follows dim up to 32 (fp32) / 64 (16-bit), since the
+    shortlist dims are small (8, 16) and a wider K tile would only add masked zeros; fp32 uses the exact
+    (non tensor-core) dot. Big candidate lists halve the query block and (KS = 128) double the warps to keep
+    the keys in registers."""
+    fp32 = dtype == torch.float32
+    block_k = min(32 if fp32 else 64, max(16, triton.next_power_of_2(dim)))
+    block_n = max(64, ks)
+    block_m = 64 if ks <= 32 else 32
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "KS": ks, "num_warps": 8 if ks >= 128 else 4,
+            "num_stages": 1 if fp32 else 3, "PRECISION": "ieee" if fp32 else "tf32"}
+
+
+def database_splits(n_queries: int, n_rows: int, block_m: int, block_n: int, device: torch.device) -> int:
+    """About two programs per multiprocessor on a GPU (2 on the CPU, to exercise the merge); never empty."""
+    tiles = triton.cdiv(n_rows, block_n)
+    if device.type != "cuda":
+        return min(2, tiles)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, triton.cdiv(n_queries, block_m)), tiles))
+
+
+def decode(keys: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 scores, int64 ids) from the kernel's keys."""
+    hi = (keys >> 32).to(torch.int32)
+    scores = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    return (0.0 - scores if metric == "l2" else scores), keys & 0xFFFFFFFF  # 0 - s: no -0.0
+
+
+def _launch(queries, database, out, dim, metric, cfg, select, rows_per_split, n_splits):
+    constexprs, options = split_launch_options(cfg)
+    grid = (triton.cdiv(queries.shape[0], cfg["BLOCK_M"]), n_splits)
+    prefix_topk_kernel[grid](queries, database, out, queries.shape[0], database.shape[0], dim, rows_per_split,
+                             queries.stride(0), database.stride(0), out.stride(0), METRIC=metric, SELECT=select,
+                             **constexprs, **options)
+
+
+def _chunked_topk(queries, database, k, dim, metric, chunk_elems):
+    """k > KS_MAX: oriented scores of [query batch, database chunk] blocks of at most chunk_elems, each
+    merged into the running best k with torch.topk."""
+    n_q, n = queries.shape[0], database.shape[0]
+    cfg = launch_config(queries.dtype, dim, 1)
+    n_chunk = min(n, max(k, chunk_elems // max(1, min(n_q, cfg["BLOCK_M"]))))
+    q_batch = max(1, min(n_q, chunk_elems // n_chunk))
+    scores = torch.empty((n_q, k), dtype=torch.float32, device=queries.device)
+    ids = torch.empty((n_q, k), dtype=torch.int64, device=queries.device)
+    buf = torch.empty((q_batch, n_chunk), dtype=torch.float32, device=queries.device)
+    for q0 in range(0, n_q, q_batch):
+        q = queries[q0:q0 + q_batch]
+        best_s = best_i = None
+        for n0 in range(0, n, n_chunk):
+            x = database[n0:n0 + n_chunk]  # a view: the kernel reads the rows in place
+            s = buf[:q.shape[0], :x.shape[0]]
+            _launch(q, x, s, dim, metric, cfg, False, cfg["BLOCK_N"], triton.cdiv(x.shape[0], cfg["BLOCK_N"]))
+            v, i = torch.topk(s, min(k, x.shape[0]), dim=1)  # NaN ranks first
+            i = i + n0
+            if best_s is not None:
+                v, pos = torch.topk(torch.cat([best_s, v], 1), min(k, best_s.shape[1] + v.shape[1]), dim=1)
+                i = torch.cat([best_i, i], 1).gather(1, pos)
+            best_s, best_i = v, i
+        scores[q0:q0 + q.shape[0]] = 0.0 - best_s if metric == "l2" else best_s
+        ids[q0:q0 + q.shape[0]] = best_i
+    return scores, ids
+
+
+def prefix_topk_triton(queries: torch.Tensor, database: torch.Tensor, k: int, dim: int, metric: str,
+                       splits: int | None = None, chunk_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores fp32 [Q, k], ids int64 [Q, k]), best first: descending for "ip"/"cosine", ascending squared
+    distance for "l2". Inputs validated by the caller (2-D, same fp32/fp16/bf16 dtype and device,
+    database.stride(1) == 1, 1 <= k <= N, 1 <= dim <= D). `splits` overrides the number of database splits;
+    `chunk_elems` bounds the score block of the k > KS_MAX path."""
+    if queries.stride(1) != 1:
+        queries = queries.contiguous()
+    n_q, n = queries.shape[0], database.shape[0]
+    ks = triton.next_power_of_2(k)
+    if ks > KS_MAX:
+        return _chunked_topk(queries, database, k, dim, metric, chunk_elems)
+    cfg = launch_config(queries.dtype, dim, ks)
+    splits = splits or database_splits(n_q, n, cfg["BLOCK_M"], cfg["BLOCK_N"], queries.device)
+    # Whole tiles per split, so every split but the last is full and none is empty.
+    per_split = triton.cdiv(triton.cdiv(n, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    splits = triton.cdiv(n, per_split)
+    keys = torch.empty((n_q, splits * ks), dtype=torch.int64, device=queries.device)  # every element written
+    _launch(queries, database, keys, dim, metric, cfg, True, per_split, splits)
+    return decode(torch.topk(keys, k, dim=1).values, metric)
+
+
+# The launches compiled ahead of time, every dtype: every metric at the shortlist's small dim and k and at the
+# register-heaviest case (the cap at full width); l2 (both norms) at a mid k and in the chunked score path (the
+# paper's 8 -> 200 funnel keeps 200 > KS_MAX).
+AOT_CASES = {"d16-k10": ((16, 10), ("ip", "cosine", "l2")), "d2048-k128": ((2048, 128), ("ip", "cosine", "l2")),
+             "d64-k50": ((64, 50), ("l2",)), "d16-k200": ((16, 200), ("l2",))}
+
+
+def aot_specs():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for label, ((dim, k), metrics) in AOT_CASES.items():
+            for metric in metrics:
+                ks = triton.next_power_of_2(k)
+                select = ks <= KS_MAX
+                constexprs, options = split_launch_options(launch_config(dtype, dim, ks if select else 1))
+                constexprs.update(METRIC=metric, SELECT=select)
+                signature = {"Q": pointer(dtype), "X": pointer(dtype), "OUT": "*i64" if select else "*fp32",
+                             "n_queries": "i32", "n_rows": "i32", "dim": "i32", "rows_per_split": "i32",
+                             "stride_q": "i32", "stride_x": "i32", "stride_out": "i32"}
+                signature.update({name: "constexpr" for name in constexprs})
+                yield f"{str(dtype)[6:]}-{metric}-{label}", prefix_topk_kernel, signature, constexprs, options

@@ -1,0 +1,139 @@
+"""The prefix top-k Triton kernel against a float64 brute force on the same (rounded) values: every metric and
+dtype, k below the in-kernel cap, at it, and above it (the chunked path), dim = 1 and dim = D, Q = 1 and Q not a
+multiple of the query block, N not a multiple of any tile, and a database that is a column slice of a wider
+tensor (row stride > D, read in place)."""
+import pytest
+import torch
+
+from mrl_kernels.kernels.prefix_topk import _launch, decode, launch_config, prefix_topk_triton
+
+TOL = 1e-5  # fp32 accumulation of exact products (16-bit inputs are compared on their rounded values)
+
+
+def brute_force(q, x, dim, metric):
+    """[Q, N] float64 scores, larger is better (minus the squared distance for l2)."""
+    q, x = q[:, :dim].double().cpu(), x[:, :dim].double().cpu()
+    if metric == "cosine":
+        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    ip = q @ x.T
+    if metric == "l2":
+        return -(q.square().sum(1)[:, None] + x.square().sum(1)[None, :] - 2 * ip).clamp_min(0)
+    return ip
+
+
+def check(scores, ids, q, x, k, dim, metric):
+    n_q, n = q.shape[0], x.shape[0]
+    assert scores.shape == ids.shape == (n_q, k)
+    assert scores.dtype == torch.float32 and ids.dtype == torch.int64
+    scores, ids = scores.cpu(), ids.cpu()
+    assert torch.isfinite(scores).all() and ((ids >= 0) & (ids < n)).all()
+    assert all(len(set(row.tolist())) == k for row in ids)  # no row twice
+    ref = brute_force(q, x, dim, metric)
+    ref_best, ref_ids = torch.topk(ref, k, dim=1)
+    # Tolerance on the scale of the terms that were summed (l2 cancels |q|^2 + |x|^2 against 2 q.x).
+    qn, xn = q[:, :dim].double().cpu().norm(dim=1), x[:, :dim].double().cpu().norm(dim=1)
+    scale = {"ip": qn[:, None] * xn.max(), "cosine": torch.ones(n_q, 1, dtype=torch.float64),
+             "l2": qn[:, None] ** 2 + xn.max() ** 2}[metric]
+    oriented = -scores.double() if metric == "l2" else scores.double()
+    assert ((oriented - ref_best).abs() <= TOL * scale).all()              # the k best scores, best first
+    assert ((ref.gather(1, ids) - ref_best).abs() <= TOL * scale).all()    # each id really scores that
+    # Ids identical to the brute force wherever its scores are not within the tolerance of a tie (with either
+    # neighbour, the first one left out included).
+    nxt = torch.topk(ref, min(k + 1, n), dim=1).values
+    if k == n:
+        nxt = torch.cat([nxt, torch.full((n_q, 1), -float("inf"), dtype=torch.float64)], 1)
+    step = nxt[:, :-1] - nxt[:, 1:]
+    gaps = torch.minimum(step, torch.cat([torch.full((n_q, 1), float("inf"), dtype=torch.float64), step[:, :-1]], 1))
+    clear = gaps > 2 * TOL * scale
+    assert (ids[clear] == ref_ids[clear]).all()
+    return clear.float().mean().item()
+
+
+def make(n_q, n, d, dtype, device, wide=0):
+    q = torch.randn(n_q, d, dtype=dtype, device=device)
+    x = torch.randn(n, d + wide, dtype=dtype, device=device)[:, :d]
+    return q, x
+
+
+CASES = [  # (Q, N, D, dim, k): ks 1, 8, 128 in the kernel; 200 and N in the chunked path
+    (70, 333, 40, 40, 7),
+    (1, 301, 24, 24, 1),
+    (70, 333, 40, 1, 7),
+    (33, 517, 40, 17, 100),
+    (70, 333, 40, 33, 200),
+    (5, 301, 24, 24, 301),  # k = 2048 capped at N
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_q,n,d,dim,k", CASES)
+def test_matches_float64_brute_force(kernel_device, n_q, n, d, dim, k, dtype, metric):
+    torch.manual_seed(hash((n_q, n, d, dim, k)) % 1000)
+    q, x = make(n_q, n, d, dtype, kernel_device, wide=7)
+    assert x.stride(0) > d
+    scores, ids = prefix_topk_triton(q, x, k, dim, metric)
+    clear = check(scores, ids, q, x, k, dim, metric)
+    if dtype == torch.float32 and dim > 1:
+        assert clear > 0.9  # on tie-free data the ids are compared almost everywhere
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_splits_and_chunks(kernel_device, metric):
+    """Several database splits (candidate merge across splits, a short last split padded) and small score
+    chunks (several query batches and database chunks in the k > cap path)."""
+    torch.manual_seed(1)
+    q, x = make(37, 450, 32, torch.float32, kernel_device, wide=3)
+    for splits in (1, 3, 8):
+        check(*prefix_topk_triton(q, x, 5, 32, metric, splits=splits), q, x, 5, 32, metric)
+    check(*prefix_topk_triton(q, x, 300, 20, metric, chunk_elems=4000), q, x, 300, 20, metric)
+
+
+@pytest.mark.triton
+def test_zero_rows_cosine(kernel_device):
+    """A zero database row scores 0 under cosine (as F.normalize), and a zero query scores 0 everywhere."""
+    q, x = make(3, 100, 16, torch.float32, kernel_device)
+    x[5] = 0
+    q[1] = 0
+    scores, ids = prefix_topk_triton(q, x, 100, 16, "cosine")
+    got = torch.zeros(3, 100).scatter_(1, ids.cpu(), scores.cpu())
+    assert (got[:, 5] == 0).all() and (got[1] == 0).all()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("k", [4, 200])
+def test_nan_rows_surface_first(kernel_device, metric, k):
+    """A NaN in a database row makes that row's scores NaN; they rank first for every metric, never dropped."""
+    q, x = make(4, 300, 16, torch.float32, kernel_device)
+    x[17, 3] = float("nan")
+    x[250, 0] = float("nan")
+    scores, ids = prefix_topk_triton(q, x, k, 16, metric)
+    assert torch.isnan(scores[:, :2]).all() and not torch.isnan(scores[:, 2:]).any()
+    assert (ids[:, :2].sort(1).values.cpu() == torch.tensor([17, 250])).all()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("select", [True, False])
+def test_outputs_fully_written(kernel_device, select):
+    """Both kernel modes write every element of the buffers the host allocates with torch.empty: launched here
+    on poisoned buffers, no poison survives (candidate keys: a short last split's padding is written too)."""
+    torch.manual_seed(2)
+    q, x = make(9, 130, 8, torch.float32, kernel_device, wide=5)
+    poison = 0x7FFFFFFFFFFFFFFF  # would decode as a NaN score with id 2**32 - 1
+    if select:
+        cfg = launch_config(torch.float32, 8, 4)
+        per_split, splits = cfg["BLOCK_N"], 3  # 130 rows: the last split holds 2 real rows, 62 padded
+        out = torch.full((9, splits * 4), poison, dtype=torch.int64, device=kernel_device)
+        _launch(q, x, out, 8, "ip", cfg, True, per_split, splits)
+        assert (out != poison).all()
+        top, ids = decode(torch.topk(out, 3, dim=1).values, "ip")
+        check(top, ids, q, x, 3, 8, "ip")
+    else:
+        cfg = launch_config(torch.float32, 8, 1)
+        out = torch.full((9, 130), float("nan"), device=kernel_device)
+        _launch(q, x, out, 8, "l2", cfg, False, cfg["BLOCK_N"], 3)
+        assert torch.allclose(-out.cpu().double(), -brute_force(q, x, 8, "l2"), rtol=1e-5, atol=1e-4)

@@ -1,0 +1,330 @@
+"""Truncated-dimension search: the chunked torch backend against a float64 brute force, rerank /
+funnel / adaptive against their reference definitions, and every bad input rejected by name."""
+import pytest
+import torch
+
+import mrl_kernels as mk
+from mrl_kernels import reference
+from mrl_kernels.ops import search_torch
+from mrl_kernels.ops._backend import triton_interpreter_on
+
+METRICS = ("ip", "cosine", "l2")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+Q, N, D = 40, 613, 32
+SMALL_BUDGET = 8 << 10  # bytes: several row chunks and query batches at these sizes
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(search_torch, "SCORE_CHUNK_BYTES", SMALL_BUDGET)
+
+
+def make_data(n_queries=Q, n_rows=N, dim=D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    queries = torch.randn(n_queries, dim, generator=g).to(dtype)
+    database = torch.randn(n_rows, dim, generator=g).to(dtype)
+    database[5] = 0  # a zero row: cosine scores it 0 (like F.normalize), l2 gives |q|^2
+    return queries, database
+
+
+def check_against_brute_force(scores, ids, queries, database, k, dim, metric, tol=1e-5):
+    """Exact up to near-ties, on the same (rounded) stored values computed in float64: the returned
+    scores are the k best to `tol` (relative to the scores' scale), each returned id's true score is its
+    returned score, ids are unique, and where the k+1 best true scores are separated by more than the
+    tolerance the ids equal the brute force's exactly."""
+    n_q, n = queries.shape[0], database.shape[0]
+    assert scores.shape == ids.shape == (n_q, k)
+    assert ids.dtype == torch.int64
+    assert scores.dtype == (torch.float64 if database.dtype == torch.float64 else torch.float32)
+    q, x = queries.double()[:, :dim], database.double()[:, :dim]
+    full = reference.prefix_scores(q, x, metric=metric)  # [Q, N] float64
+    kk = min(k + 1, n)
+    want, want_ids = reference.prefix_topk(q, x, kk, metric=metric)
+    qn, xn = q.norm(dim=1, keepdim=True), x.norm(dim=1).max()
+    scale = {"ip": qn * xn, "cosine": torch.ones_like(qn), "l2": qn.square() + xn.square()}[metric]
+    atol = tol * scale.clamp_min(1e-30)
+    got = scores.double()
+    assert ((got - want[:, :k]).abs() <= atol).all(), "scores are not the k best"
+    assert ((full.gather(1, ids) - got).abs() <= atol).all(), "a returned score is not its id's score"
+    assert (ids.sort(dim=1).values.diff(dim=1) > 0).all(), "repeated ids"
+    order = got.diff(dim=1)
+    assert (order <= 0).all() if metric != "l2" else (order >= 0).all(), "not best first"
+    # Positions whose true score is clear of both neighbours (and of the (k+1)-th) must match exactly.
+    gap = want.diff(dim=1).abs()  # [Q, kk - 1]
+    inf = torch.full((n_q, 1), float("inf"), dtype=gap.dtype)
+    left = torch.cat([inf, gap], dim=1)[:, :k]
+    right = torch.cat([gap, inf], dim=1)[:, :k]
+    clear = (left > 2 * atol) & (right > 2 * atol)
+    assert torch.equal(ids[clear], want_ids[:, :k][clear])
+
+
+def ks():
+    return sorted({min(k, N) for k in (1, 7, 200, 2048)})
+
+
+@pytest.mark.parametrize("dim", [1, D])
+@pytest.mark.parametrize("k", ks())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+def test_prefix_topk_torch_exact(small_chunks, metric, dtype, k, dim):
+    queries, database = make_data(dtype=dtype)
+    scores, ids = mk.prefix_topk(queries, database, k, dim=dim, metric=metric, backend="torch")
+    check_against_brute_force(scores, ids, queries, database, k, dim, metric)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+def test_prefix_topk_torch_single_query(small_chunks, metric, dtype):
+    queries, database = make_data(n_queries=1, dtype=dtype, seed=1)
+    for k, dim in ((1, 16), (9, None), (N, 3)):
+        scores, ids = mk.prefix_topk(queries, database, k, dim=dim, metric=metric, backend="torch")
+        check_against_brute_force(scores, ids, queries, database, k, dim or D, metric,
+                                  tol=1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_small_budget_chunks_rows_and_queries(small_chunks):
+    qb, nc = search_torch.blocks(Q, N, D, 7, 4)
+    assert 1 < qb < Q and 1 < nc < N and N % nc != 0 and Q % qb != 0
+    assert qb * nc * 4 <= SMALL_BUDGET // 2 and nc * D * 4 <= SMALL_BUDGET // 2
+
+
+@pytest.mark.parametrize("k", [1, 10, 2048, 10 ** 6])
+@pytest.mark.parametrize("dim", [1, 64, 2048])
+def test_default_budget_bounds(k, dim):
+    budget = search_torch.SCORE_CHUNK_BYTES // 4
+    qb, nc = search_torch.blocks(100_000, 10 ** 7, dim, k, 4)
+    assert qb * nc <= budget // 2 and nc * dim <= budget // 2
+    assert qb == 1 or qb * 4 * k <= budget
+
+
+def test_strided_database_view(small_chunks):
+    """A column slice of a wider tensor (row stride != D) is searched in place, same result."""
+    queries, wide = make_data(n_rows=300, dim=2 * D, dtype=torch.float16)
+    view = wide[:, :D]
+    assert not view.is_contiguous()
+    got = mk.prefix_topk(queries[:, :D], view, 20, dim=11, metric="cosine", backend="torch")
+    want = mk.prefix_topk(queries[:, :D].contiguous(), view.contiguous(), 20, dim=11, metric="cosine",
+                          backend="torch")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_auto_on_cpu_is_torch_and_reference_is_exact():
+    queries, database = make_data(n_rows=200)
+    auto = mk.prefix_topk(queries, database, 5, dim=8)
+    torch_ = mk.prefix_topk(queries, database, 5, dim=8, backend="torch")
+    assert torch.equal(auto[0], torch_[0]) and torch.equal(auto[1], torch_[1])
+    ref = mk.prefix_topk(queries, database, 5, dim=8, backend="reference")
+    want = reference.prefix_topk(queries, database, 5, dim=8)
+    assert torch.equal(ref[0], want[0]) and torch.equal(ref[1], want[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# rerank / funnel / adaptive equal their reference definitions
+# ----------------------------------------------------------------------------------------------
+
+def candidates_for(n_queries, n_rows, s, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(n_rows, generator=g)[:s] for _ in range(n_queries)])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_rerank_equals_reference(small_chunks, metric, dtype, tol):
+    queries, database = make_data(n_rows=400, dtype=dtype)
+    cand = candidates_for(Q, 400, 60)
+    cand[0, 3] = 5  # the zero row
+    for k, dim in ((1, 1), (13, 20), (60, None)):
+        got_s, got_i = mk.rerank(queries, database, cand, k, dim=dim, metric=metric, backend="torch")
+        want_s, want_i = reference.rerank(queries, database, cand, k, dim=dim, metric=metric)
+        assert got_s.dtype == dtype and got_i.dtype == torch.int64
+        torch.testing.assert_close(got_s, want_s, rtol=tol, atol=tol * 10)
+        if dim != 1 or metric != "cosine":  # cosine at one dim is +-1: all ties
+            assert torch.equal(got_i, want_i)
+        assert torch.equal(mk.rerank(queries, database, cand, k, dim=dim, metric=metric, backend="reference")[1],
+                           want_i)
+
+
+def test_rerank_16bit_storage(small_chunks):
+    queries, database = make_data(n_rows=400, dtype=torch.bfloat16)
+    cand = candidates_for(Q, 400, 60)
+    got_s, got_i = mk.rerank(queries, database, cand, 10, dim=32, metric="l2")
+    want_s, want_i = reference.rerank(queries.double(), database.double(), cand, 10, dim=32, metric="l2")
+    assert got_s.dtype == torch.float32
+    torch.testing.assert_close(got_s.double(), want_s, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got_i, want_i)
+
+
+FUNNELS = [((4, 8, 16, D), (100, 50, 20)), ((2,), ()), ((8, 8, D), (200, 200))]
+
+
+@pytest.mark.parametrize("dims,shortlists", FUNNELS, ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+def test_funnel_equals_reference(small_chunks, metric, dims, shortlists):
+    queries, database = make_data(n_rows=400, dtype=torch.float64)
+    got = mk.funnel_search(queries, database, 10, dims, shortlists, metric=metric, backend="torch")
+    want = reference.funnel_search(queries, database, 10, dims, shortlists, metric=metric)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[1], want[1])
+    ref = mk.funnel_search(queries, database, 10, dims, shortlists, metric=metric, backend="reference")
+    assert torch.equal(ref[0], want[0]) and torch.equal(ref[1], want[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_funnel_16bit_storage(small_chunks, dtype):
+    queries, database = make_data(dtype=dtype)
+    got = mk.funnel_search(queries, database, 10, (8, 16, D), (200, 50), metric="cosine")
+    want = reference.funnel_search(queries.double(), database.double(), 10, (8, 16, D), (200, 50), metric="cosine")
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_adaptive_equals_reference(small_chunks, metric):
+    queries, database = make_data(dtype=torch.float64)
+    for kwargs in (dict(), dict(shortlist=50, shortlist_dim=4, rerank_dim=24)):
+        got = mk.adaptive_search(queries, database, 10, metric=metric, backend="torch", **kwargs)
+        want = reference.adaptive_search(queries, database, 10, metric=metric, **kwargs)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+        assert torch.equal(got[1], want[1])
+        ref = mk.adaptive_search(queries, database, 10, metric=metric, backend="reference", **kwargs)
+        assert torch.equal(ref[0], want[0]) and torch.equal(ref[1], want[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+VQ, VN, VD = 3, 50, 20
+
+
+def inputs(**overrides):
+    g = torch.Generator().manual_seed(2)
+    args = dict(queries=torch.randn(VQ, VD, generator=g), database=torch.randn(VN, VD, generator=g), k=5)
+    args.update(overrides)
+    return args
+
+
+COMMON = [
+    (dict(queries=torch.randn(3, VD, dtype=torch.float64)), TypeError, "database has dtype"),
+    (dict(queries=torch.randn(3, VD - 1)), ValueError, r"queries must be \[Q, 20\]"),
+    (dict(queries=torch.empty(0, VD)), ValueError, "queries is empty"),
+    (dict(database=torch.empty(0, VD)), ValueError, "database is empty"),
+    (dict(queries=torch.randn(VD)), ValueError, "queries must be 2-D"),
+    (dict(database=torch.randn(2, 3, VD)), ValueError, "database must be 2-D"),
+    (dict(queries=torch.ones(3, VD, dtype=torch.long)), TypeError, "queries must have dtype"),
+    (dict(queries=[[1.0] * VD]), TypeError, "queries must be a torch.Tensor"),
+    (dict(queries=torch.full((3, VD), float("nan"))), ValueError, "queries contains NaN"),
+    (dict(metric="dot"), ValueError, "metric must be one of"),
+    (dict(k=0), ValueError, r"k must be in \[1, "),
+    (dict(k=2.0), TypeError, "k must be an int"),
+    (dict(backend="fast"), ValueError, "backend must be one of"),
+]
+if not triton_interpreter_on():
+    COMMON.append((dict(backend="triton"), ValueError, "needs CUDA tensors"))
+
+BAD_TOPK = COMMON + [
+    (dict(k=VN + 1), ValueError, r"k must be in \[1, 50\]"),
+    (dict(dim=0), ValueError, r"dim must be in \[1, 20\]"),
+    (dict(dim=VD + 1), ValueError, r"dim must be in \[1, 20\]"),
+    (dict(dim=True), TypeError, "dim must be an int"),
+    (dict(backend="cuda"), NotImplementedError, "backend='cuda' is not implemented"),
+]
+
+
+@pytest.mark.parametrize("overrides,exc,match", BAD_TOPK, ids=[m for _, _, m in BAD_TOPK])
+def test_prefix_topk_rejects(overrides, exc, match):
+    with pytest.raises(exc, match=match):
+        mk.prefix_topk(**inputs(**overrides))
+
+
+def rerank_inputs(**overrides):
+    args = inputs(candidates=candidates_for(VQ, VN, 8))
+    args.update(overrides)
+    return args
+
+
+BAD_RERANK = [(o, e, m) for o, e, m in COMMON if o.get("backend") != "triton"] + [
+    (dict(k=9), ValueError, r"k must be in \[1, 8\]"),
+    (dict(dim=VD + 1), ValueError, r"dim must be in \[1, 20\]"),
+    (dict(candidates=torch.zeros(VQ, 8, dtype=torch.int32)), TypeError, "candidates must have dtype"),
+    (dict(candidates=torch.zeros(VQ, dtype=torch.long)), ValueError, "candidates must be 2-D"),
+    (dict(candidates=torch.zeros(VQ + 1, 8, dtype=torch.long)), ValueError, r"candidates must be \[Q, S\]"),
+    (dict(candidates=torch.zeros(VQ, 0, dtype=torch.long)), ValueError, "candidates is empty"),
+    (dict(candidates=torch.full((VQ, 8), VN)), ValueError, r"candidates has id 50 outside \[0, 50\)"),
+    (dict(candidates=torch.full((VQ, 8), -1)), ValueError, r"candidates has id -1 outside"),
+    (dict(candidates=[[0] * 8] * VQ), TypeError, "candidates must be a torch.Tensor"),
+    (dict(backend="triton"), NotImplementedError, "backend='triton' is not implemented"),
+]
+
+
+@pytest.mark.parametrize("overrides,exc,match", BAD_RERANK, ids=[m for _, _, m in BAD_RERANK])
+def test_rerank_rejects(overrides, exc, match):
+    with pytest.raises(exc, match=match):
+        mk.rerank(**rerank_inputs(**overrides))
+
+
+def funnel_inputs(**overrides):
+    args = inputs(dims=(4, 8, VD), shortlists=(30, 10))
+    args.update(overrides)
+    return args
+
+
+BAD_FUNNEL = COMMON + [
+    (dict(k=VN + 1), ValueError, r"k must be in \[1, 50\]"),
+    (dict(dims=()), TypeError, "dims must be a non-empty sequence"),
+    (dict(dims=8), TypeError, "dims must be a non-empty sequence"),
+    (dict(dims=(4, 8, VD + 1)), ValueError, r"dims\[2\] must be in \[1, 20\]"),
+    (dict(dims=(0, 8, VD)), ValueError, r"dims\[0\] must be in \[1, 20\]"),
+    (dict(dims=(8, 4, VD)), ValueError, "dims must be non-decreasing"),
+    (dict(shortlists=(30,)), ValueError, r"shortlists must have len\(dims\) - 1 = 2"),
+    (dict(shortlists=None), TypeError, "shortlists must be a sequence"),
+    (dict(shortlists=(10, 30)), ValueError, "shortlists must be non-increasing"),
+    (dict(shortlists=(30, 4)), ValueError, r"shortlists\[1\] must be in \[5, 50\]"),
+    (dict(shortlists=(51, 10)), ValueError, r"shortlists\[0\] must be in \[5, 50\]"),
+    (dict(shortlists=(30.0, 10)), TypeError, r"shortlists\[0\] must be an int"),
+]
+
+
+@pytest.mark.parametrize("overrides,exc,match", BAD_FUNNEL, ids=[m for _, _, m in BAD_FUNNEL])
+def test_funnel_rejects(overrides, exc, match):
+    with pytest.raises(exc, match=match):
+        mk.funnel_search(**funnel_inputs(**overrides))
+
+
+def adaptive_inputs(**overrides):
+    args = inputs(shortlist=20, shortlist_dim=4)
+    args.update(overrides)
+    return args
+
+
+BAD_ADAPTIVE = COMMON + [
+    (dict(k=VN + 1), ValueError, r"k must be in \[1, 50\]"),
+    (dict(shortlist=4), ValueError, r"shortlist must be in \[5, 50\]"),
+    (dict(shortlist=VN + 1), ValueError, r"shortlist must be in \[5, 50\]"),
+    (dict(shortlist_dim=VD + 1), ValueError, r"shortlist_dim must be in \[1, 20\]"),
+    (dict(shortlist_dim=16, rerank_dim=8), ValueError, r"rerank_dim must be >= shortlist_dim \(16\)"),
+    (dict(rerank_dim=0), ValueError, r"rerank_dim must be in \[1, 20\]"),
+    (dict(shortlist_dim=None), TypeError, "shortlist_dim must be an int"),
+]
+
+
+@pytest.mark.parametrize("overrides,exc,match", BAD_ADAPTIVE, ids=[m for _, _, m in BAD_ADAPTIVE])
+def test_adaptive_rejects(overrides, exc, match):
+    with pytest.raises(exc, match=match):
+        mk.adaptive_search(**adaptive_inputs(**overrides))
+
+
+def test_validation_runs_before_compute(monkeypatch):
+    """A bad argument late in the list is reported without any backend being called."""
+    def boom(*args, **kwargs):
+        raise AssertionError("computed before validating")
+
+    from mrl_kernels.ops import search
+
+    for name in ("prefix_topk_torch", "rerank_torch"):
+        monkeypatch.setattr(search, name, boom)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        mk.funnel_search(**funnel_inputs(metric="dot"))
+    with pytest.raises(ValueError, match="metric must be one of"):
+        mk.rerank(**rerank_inputs(metric="dot"))
