@@ -62,7 +62,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import os
 import struct
 import sys
@@ -72,6 +71,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from .ops import search as search_ops
+from .ops._validation import check_int
 
 __all__ = ["MatryoshkaIndex", "sharded_search", "FORMAT_VERSION", "MAGIC"]
 
@@ -95,24 +97,12 @@ _MIN_CAPACITY = 16
 # ----------------------------------------------------------------------------------------------
 
 def _op(name: str):
-    from .ops import search as _search_ops
-
-    return getattr(_search_ops, name)
+    return getattr(search_ops, name)
 
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------
-
-def _int(value, name: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
-
 
 def _as_float_tensor(x, name: str) -> Tensor:
     if isinstance(x, np.ndarray):
@@ -164,7 +154,7 @@ class MatryoshkaIndex:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.storage = storage
         self._prefix_auto = prefix_dim is None
-        self._prefix_dim = None if prefix_dim is None else _int(prefix_dim, "prefix_dim", 1)
+        self._prefix_dim = None if prefix_dim is None else check_int(prefix_dim, "prefix_dim", 1)
         self._d: int | None = None
         self._n = 0
         self._data: Tensor | None = None      # [capacity, D]: on device, or host (cpu / memory map)
@@ -277,7 +267,7 @@ class MatryoshkaIndex:
     def _check_ready(self, k) -> int:
         if self._n == 0:
             raise ValueError("the index is empty: add vectors before searching")
-        return _int(k, "k", 1, self._n)
+        return check_int(k, "k", 1, self._n)
 
     def _queries(self, queries) -> Tensor:
         q = _as_float_tensor(queries, "queries")
@@ -291,7 +281,7 @@ class MatryoshkaIndex:
         return q
 
     def _batched(self, q: Tensor, batch_size, fn) -> tuple[Tensor, Tensor]:
-        batch_size = _int(batch_size, "batch_size", 1)
+        batch_size = check_int(batch_size, "batch_size", 1)
         out = [fn(q[s:s + batch_size]) for s in range(0, q.shape[0], batch_size)]
         if len(out) == 1:
             return out[0]
@@ -308,7 +298,7 @@ class MatryoshkaIndex:
         if distributed:
             return sharded_search(self, queries, k, dim, group=group, batch_size=batch_size, backend=backend)
         k = self._check_ready(k)
-        dim = self._d if dim is None else _int(dim, "dim", 1, self._d)
+        dim = self._d if dim is None else check_int(dim, "dim", 1, self._d)
         q = self._queries(queries)
         return self._batched(q, batch_size, lambda qb: self._topk(qb, k, dim, backend))
 
@@ -342,8 +332,8 @@ class MatryoshkaIndex:
                              f"and shortlists={shortlists}")
         names = names or [f"dims[{j}]" for j in range(len(dims))]
         shortlist_names = shortlist_names or [f"shortlists[{j}]" for j in range(len(shortlists))]
-        dims = [_int(d, nm, 1, self._d) for d, nm in zip(dims, names)]
-        shortlists = [_int(s, nm, 1, self._n) for s, nm in zip(shortlists, shortlist_names)]
+        dims = [check_int(d, nm, 1, self._d) for d, nm in zip(dims, names)]
+        shortlists = [check_int(s, nm, 1, self._n) for s, nm in zip(shortlists, shortlist_names)]
         for j in range(1, len(dims)):
             if dims[j] < dims[j - 1]:
                 raise ValueError(f"{names[j]}={dims[j]} is below {names[j - 1]}={dims[j - 1]}: dims must be "
@@ -579,7 +569,7 @@ def sharded_search(index: MatryoshkaIndex, queries, k: int, dim: int | None = No
         if q.shape[1] != index.dim:
             raise ValueError(f"queries must be [Q, {index.dim}] like the index, got shape {tuple(q.shape)}")
         if dim is not None:
-            _int(dim, "dim", 1, index.dim)
+            check_int(dim, "dim", 1, index.dim)
     comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
         else torch.device("cpu")
     world = dist.get_world_size(group)
@@ -595,7 +585,7 @@ def sharded_search(index: MatryoshkaIndex, queries, k: int, dim: int | None = No
     total = int(sizes.sum())
     if total == 0:
         raise ValueError("the index is empty on every rank: add vectors before searching")
-    k = _int(k, "k", 1, total)
+    k = check_int(k, "k", 1, total)
     offset = int(sizes[:rank].sum())
     nq = q.shape[0]
     scores = torch.full((nq, k), _worst(index.metric), dtype=torch.float32, device=comm)
