@@ -15,7 +15,8 @@ import triton.language as tl
 
 from .aot import pointer
 from .indexing import row_offsets
-from .nested_ce_forward import CHUNK_FIELDS, LOG2E, aot_launches, chunk_plan, chunk_product, launch_config
+from .nested_ce_forward import (CHUNK_FIELDS, LOG2E, aot_launches, chunk_plan, chunk_product, head_logits, head_tiles,
+                                launch_config)
 
 
 @triton.jit
@@ -101,22 +102,14 @@ def nested_ce_backward_kernel(
             add_tile_grads(grad, xt, wt, dx_rows + cols[None, :], dw_rows + (w_shift + cols)[None, :],
                            row_ok[:, None] & col_ok[None, :], cls_ok[:, None] & col_ok[None, :], PRECISION)
     else:
-        for head in range(n_dims):  # HEADS rows: (m, first weight column, caller's index)
-            m = tl.load(HEADS + 3 * head)
-            w0 = tl.multiple_of(tl.load(HEADS + 3 * head + 1), K_ALIGN)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k in range(0, m, BLOCK_K):
-                col_ok = k + kk < m
-                xt = tl.load(x_rows + (k + kk)[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                wt = tl.load(w_rows + (w0 + k + kk)[None, :], mask=cls_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+        for head in range(n_dims):
+            acc, m, w0 = head_logits(x_rows, w_rows, row_ok, cls_ok, HEADS, head, K_ALIGN, BLOCK_M, BLOCK_N, BLOCK_K,
+                                     PRECISION)
             d = add_dim_grad(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), acc, tl.load(HEADS + 3 * head + 2), cls,
                              cls_ok, row_ok, target, LSE, COEF, stats, BIAS, DB, stride_bias, smoothing, n_classes,
                              SHARED, HAS_BIAS)
             for k in range(0, m, BLOCK_K):
-                col_ok = k + kk < m
-                xt = tl.load(x_rows + (k + kk)[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                wt = tl.load(w_rows + (w0 + k + kk)[None, :], mask=cls_ok[:, None] & col_ok[None, :], other=0.0)
+                xt, wt, col_ok = head_tiles(x_rows, w_rows, row_ok, cls_ok, k, m, w0, kk)
                 add_tile_grads(d, xt, wt, dx_rows + (k + kk)[None, :], dw_rows + (w0 + k + kk)[None, :],
                                row_ok[:, None] & col_ok[None, :], cls_ok[:, None] & col_ok[None, :], PRECISION)
 

@@ -46,6 +46,29 @@ def chunk_product(acc, x_rows, w_rows, row_ok, cls_ok, CHUNKS, chunk, SIGN: tl.c
 
 
 @triton.jit
+def head_tiles(x_rows, w_rows, row_ok, cls_ok, k, m, w0, kk):
+    """x[rows, k:k+BLOCK_K] and W[cls, w0 + (k:k+BLOCK_K)] of a per-dim head of m columns, masked at m."""
+    col_ok = k + kk < m
+    xt = tl.load(x_rows + (k + kk)[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    wt = tl.load(w_rows + (w0 + k + kk)[None, :], mask=cls_ok[:, None] & col_ok[None, :], other=0.0)
+    return xt, wt, col_ok
+
+
+@triton.jit
+def head_logits(x_rows, w_rows, row_ok, cls_ok, HEADS, head, K_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """(logits tile, m, w0) of per-dim head `head` (HEADS rows: m, first weight column, caller's index)."""
+    m = tl.load(HEADS + 3 * head)
+    w0 = tl.multiple_of(tl.load(HEADS + 3 * head + 1), K_ALIGN)
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(0, m, BLOCK_K):
+        xt, wt, _ = head_tiles(x_rows, w_rows, row_ok, cls_ok, k, m, w0, kk)
+        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+    return acc, m, w0
+
+
+@triton.jit
 def fold_into_lse(acc, dim, state, stride_part, cls, cls_ok, row_ok, target, BIAS, stride_bias,
                   SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, SMOOTHING: tl.constexpr):
     """Fold a finished logits tile of dim `dim` into its rows' online log-sum-exp state."""
@@ -111,15 +134,9 @@ def nested_lse_forward_kernel(
                     fold_into_lse(acc, dim, state, stride_part, cls, cls_ok, row_ok, target, BIAS, stride_bias,
                                   SHARED, HAS_BIAS, SMOOTHING)
         else:
-            for head in range(n_dims):  # HEADS rows: (m, first weight column, caller's index)
-                m = tl.load(HEADS + 3 * head)
-                w0 = tl.multiple_of(tl.load(HEADS + 3 * head + 1), K_ALIGN)
-                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                for k in range(0, m, BLOCK_K):
-                    col_ok = k + kk < m
-                    xt = tl.load(x_rows + (k + kk)[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                    wt = tl.load(w_rows + (w0 + k + kk)[None, :], mask=cls_ok[:, None] & col_ok[None, :], other=0.0)
-                    acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+            for head in range(n_dims):
+                acc, _, _ = head_logits(x_rows, w_rows, row_ok, cls_ok, HEADS, head, K_ALIGN, BLOCK_M, BLOCK_N,
+                                        BLOCK_K, PRECISION)
                 fold_into_lse(acc, tl.load(HEADS + 3 * head + 2), state, stride_part, cls, cls_ok, row_ok, target,
                               BIAS, stride_bias, SHARED, HAS_BIAS, SMOOTHING)
 
