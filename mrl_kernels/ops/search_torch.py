@@ -18,6 +18,7 @@ from torch import Tensor
 # gathered candidate rows). The running best and the outputs ([Q, k]) are on top of it.
 SCORE_CHUNK_BYTES = 64 << 20
 _EPS = 1e-12  # F.normalize's eps: a zero row scores 0
+LONG_ROW_K, LONG_ROWS = 32, 65536  # k above which score rows are made at least LONG_ROWS long
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,6 +32,12 @@ def blocks(n_queries: int, n_rows: int, dim: int, k: int, elem_bytes: int) -> tu
     buffers (qb * 2k elements plus int64 ids) stay within a few times the budget."""
     budget = max(2, SCORE_CHUNK_BYTES // elem_bytes)  # elements
     half = budget // 2
+    if k > LONG_ROW_K:
+        # torch.topk's cost per row grows with k, so for large k rows of scores are made long (fewer
+        # queries per batch): on the 2-core CPU, k=200 at d=16 went from 0.90 s to 0.39 s for 1000 x 200k.
+        nc = max(1, min(n_rows, max(half // n_queries, LONG_ROWS), half // dim))
+        return max(1, min(n_queries, half // nc, budget // (4 * k))), nc
+    # Small k: all queries of a batch share each database chunk, read once per batch.
     qb = max(1, min(n_queries, math.isqrt(half), budget // (4 * k)))
     nc = max(1, min(n_rows, half // qb, half // dim))
     return qb, nc
