@@ -217,11 +217,7 @@ class MatryoshkaIndex:
             raise ValueError(f"vectors must have {self._d} dims like the index, got shape {tuple(x.shape)}")
         if self._prefix_dim is not None and x.shape[1] < self._prefix_dim and self._d is None:
             raise ValueError(f"prefix_dim={self._prefix_dim} exceeds the vectors' dim {x.shape[1]}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("vectors contains NaN or Inf")
-        x = x.to(device=self._home, dtype=self.dtype)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"vectors overflow {_DTYPE_NAMES[self.dtype]} (values too large for the index dtype)")
+        x = self._cast_finite(x, "vectors", self._home)
         if self._d is None:
             self._d = x.shape[1]
         n_new = self._n + x.shape[0]
@@ -273,12 +269,17 @@ class MatryoshkaIndex:
         q = _as_float_tensor(queries, "queries")
         if q.shape[1] != self._d:
             raise ValueError(f"queries must be [Q, {self._d}] like the index, got shape {tuple(q.shape)}")
-        if not bool(torch.isfinite(q).all()):
-            raise ValueError("queries contains NaN or Inf")
-        q = q.to(device=self.device, dtype=self.dtype)
-        if not bool(torch.isfinite(q).all()):
-            raise ValueError(f"queries overflow {_DTYPE_NAMES[self.dtype]} (values too large for the index dtype)")
-        return q
+        return self._cast_finite(q, "queries", self.device)
+
+    def _cast_finite(self, x: Tensor, name: str, device) -> Tensor:
+        """x in the index dtype on `device`; NaN/Inf, or values the dtype cannot hold, are refused. One
+        finiteness pass over the cast values; the original is looked at only to word the error."""
+        cast = x.to(device=device, dtype=self.dtype)
+        if not bool(torch.isfinite(cast).all()):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name} contains NaN or Inf")
+            raise ValueError(f"{name} overflow {_DTYPE_NAMES[self.dtype]} (values too large for the index dtype)")
+        return cast
 
     def _batched(self, q: Tensor, batch_size, fn) -> tuple[Tensor, Tensor]:
         batch_size = check_int(batch_size, "batch_size", 1)
