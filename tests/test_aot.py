@@ -32,3 +32,9 @@ def test_every_kernel_compiles(reports):
         print(f"{r['label']} sm_{r['arch']}: shared={r['shared']} B registers={r['registers']} "
               f"spill stores={r['spill_bytes']} B")
         assert r["fits"], f"{r['label']}: {r['shared']} B shared memory over sm_{r['arch']}'s limit"
+        assert r["ordered_atomics"] == 0, f"{r['label']} sm_{r['arch']}: atomics with acq_rel ordering (see aot.py)"
+
+
+def test_ordered_atomics_are_detected():
+    assert aot.ordered_atomics("@%p1 atom.global.gpu.acq_rel.add.v4.f32 {%r1}, [%rd2], {%r3};") == 1
+    assert aot.ordered_atomics("red.global.gpu.relaxed.add.f32 [%rd2], %r3;\natom.global.add.f32 %r1, [%rd2], %r3;") == 0

@@ -40,6 +40,7 @@ class CompileReport:
     shared: int
     registers: int | None
     spill_bytes: int | None
+    ordered_atomics: int  # see ordered_atomics()
     ptx: str
 
     @property
@@ -77,7 +78,14 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
     compiled = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
     registers, spills = ptxas_usage(ptx, arch)
-    return CompileReport(fn.__name__, arch, compiled.metadata.shared, registers, spills, ptx)
+    return CompileReport(fn.__name__, arch, compiled.metadata.shared, registers, spills, ordered_atomics(ptx), ptx)
+
+
+def ordered_atomics(ptx: str) -> int:
+    """Atomic instructions with acquire/release (or stronger) ordering. tl.atomic_add defaults to acq_rel,
+    which on sm_90 puts a GPU-wide memory barrier and an L1 invalidation around every atomic instruction;
+    accumulations that only the next kernel reads need relaxed ones (sem="relaxed": fire-and-forget REDs)."""
+    return len(re.findall(r"\b(?:atom|red)\.[\w.]*\b(?:acq_rel|acquire|release|sc)\b", ptx))
 
 
 def _ptxas() -> str | None:

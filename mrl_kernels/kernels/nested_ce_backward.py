@@ -39,7 +39,7 @@ def add_dim_grad(grad, acc, dim, cls, cls_ok, row_ok, target, LSE, COEF, stats, 
     coef = tl.load(COEF + stats + dim, mask=row_ok, other=0.0)
     d = softmax_grad(z, lse, coef, cls, row_ok[:, None] & cls_ok[None, :], target, smoothing, n_classes)
     if HAS_BIAS:
-        tl.atomic_add(DB + bias_row + cls, tl.sum(d, axis=0), mask=cls_ok)
+        tl.atomic_add(DB + bias_row + cls, tl.sum(d, axis=0), mask=cls_ok, sem="relaxed")
     return grad + d
 
 
@@ -47,8 +47,8 @@ def add_dim_grad(grad, acc, dim, cls, cls_ok, row_ok, target, LSE, COEF, stats, 
 def add_tile_grads(grad, xt, wt, dx_ptrs, dw_ptrs, dx_mask, dw_mask, PRECISION: tl.constexpr):
     """dx += grad @ W_tile, dW_tile += grad^T @ x_tile (fp32 atomics: other programs add to the same places)."""
     g = grad.to(xt.dtype)
-    tl.atomic_add(dx_ptrs, tl.dot(g, wt, input_precision=PRECISION), mask=dx_mask)
-    tl.atomic_add(dw_ptrs, tl.dot(tl.trans(g), xt, input_precision=PRECISION), mask=dw_mask)
+    tl.atomic_add(dx_ptrs, tl.dot(g, wt, input_precision=PRECISION), mask=dx_mask, sem="relaxed")
+    tl.atomic_add(dw_ptrs, tl.dot(tl.trans(g), xt, input_precision=PRECISION), mask=dw_mask, sem="relaxed")
 
 
 @triton.jit
