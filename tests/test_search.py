@@ -82,19 +82,54 @@ def test_prefix_topk_torch_single_query(small_chunks, metric, dtype):
                                   tol=1e-12 if dtype == torch.float64 else 1e-5)
 
 
-def test_small_budget_chunks_rows_and_queries(small_chunks):
-    qb, nc = search_torch.blocks(Q, N, D, 7, 4)
+@pytest.mark.parametrize("cpu", [False, True])
+@pytest.mark.parametrize("k", [7, 40])
+def test_small_budget_chunks_rows_and_queries(small_chunks, k, cpu):
+    """The exactness tests above run with several row chunks and query batches, ragged at the end."""
+    qb, nc = search_torch.blocks(Q, N, D, k, 4, cpu=cpu)
     assert 1 < qb < Q and 1 < nc < N and N % nc != 0 and Q % qb != 0
     assert qb * nc * 4 <= SMALL_BUDGET // 2 and nc * D * 4 <= SMALL_BUDGET // 2
 
 
-@pytest.mark.parametrize("k", [1, 10, 2048, 10 ** 6])
-@pytest.mark.parametrize("dim", [1, 64, 2048])
-def test_default_budget_bounds(k, dim):
+@pytest.mark.parametrize("cpu", [False, True])
+@pytest.mark.parametrize("k", [1, 10, 200, 2048, 10 ** 6])
+@pytest.mark.parametrize("dim", [1, 16, 64, 2048, 10 ** 5])
+def test_default_budget_bounds(k, dim, cpu):
     budget = search_torch.SCORE_CHUNK_BYTES // 4
-    qb, nc = search_torch.blocks(100_000, 10 ** 7, dim, k, 4)
-    assert qb * nc <= budget // 2 and nc * dim <= budget // 2
-    assert qb == 1 or qb * 4 * k <= budget
+    for n_queries, n_rows in ((100_000, 10 ** 7), (1, 10 ** 7), (100_000, 1), (3, 5)):
+        qb, nc = search_torch.blocks(n_queries, n_rows, dim, k, 4, cpu=cpu)
+        assert 1 <= qb <= n_queries and 1 <= nc <= n_rows
+        assert qb * nc <= budget // 2 or qb == 1
+        assert nc * dim <= budget // 2 or nc == 1
+        assert qb == 1 or qb * 4 * k <= budget
+
+
+def test_grouped_topk_is_topk():
+    """grouped_topk equals torch.topk as a set of values, with each id's own value, for long and ragged
+    rows, both directions, and ties (integer-valued scores)."""
+    g = torch.Generator().manual_seed(3)
+    for n, k, group in ((4096, 100, 32), (4096 + 19, 100, 32), (1000, 31, 8), (640, 20, 32)):
+        for s in (torch.randn(5, n, generator=g), torch.randint(0, 40, (5, n), generator=g).float()):
+            for largest in (True, False):
+                top, ids = search_torch.grouped_topk(s, k, largest, group)
+                want = torch.topk(s, k, dim=1, largest=largest).values
+                assert torch.equal(top.sort(dim=1, descending=largest).values, want)
+                assert torch.equal(s.gather(1, ids), top)
+                assert (ids.sort(dim=1).values.diff(dim=1) > 0).all()
+
+
+def test_grouped_topk_in_the_search(monkeypatch):
+    """prefix_topk takes the grouped path (lowered thresholds) and stays exact."""
+    calls = []
+    grouped = search_torch.grouped_topk
+    monkeypatch.setattr(search_torch, "grouped_topk", lambda *a, **kw: calls.append(1) or grouped(*a, **kw))
+    monkeypatch.setattr(search_torch, "GROUPED_K", 4)
+    monkeypatch.setattr(search_torch, "GROUPED_ROWS_PER_K", 64)  # 5 x 64 < N: one chunk of N rows, grouped
+    queries, database = make_data()
+    for metric in METRICS:
+        scores, ids = mk.prefix_topk(queries, database, 5, dim=9, metric=metric, backend="torch")
+        check_against_brute_force(scores, ids, queries, database, 5, 9, metric)
+    assert calls
 
 
 def test_strided_database_view(small_chunks):
