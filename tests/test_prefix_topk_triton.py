@@ -5,6 +5,7 @@ tensor (row stride > D, read in place)."""
 import pytest
 import torch
 
+from mrl_kernels.kernels.prefix_filter import filter_config, filtered_topk
 from mrl_kernels.kernels.prefix_topk import _launch, decode, launch_config, prefix_topk_triton
 
 TOL = 1e-5  # fp32 accumulation of exact products (16-bit inputs are compared on their rounded values)
@@ -137,3 +138,84 @@ def test_outputs_fully_written(kernel_device, select):
         out = torch.full((9, 130), float("nan"), device=kernel_device)
         _launch(q, x, out, 8, "l2", cfg, False, cfg["BLOCK_N"], 3)
         assert torch.allclose(-out.cpu().double(), -brute_force(q, x, 8, "l2"), rtol=1e-5, atol=1e-4)
+
+
+# ---- k > KS_MAX on a database of at least k tiles: the threshold filter (prefix_filter.py) ----
+
+@pytest.mark.triton
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_filter_matches_float64_brute_force(kernel_device, metric, dtype):
+    """Q not a multiple of the query block, N not a multiple of the tile, a strided prefix, odd dim; a first
+    capacity that fits and one of 3 keys that overflows for every query (filtered again, exact)."""
+    torch.manual_seed(5)
+    q, x = make(7, 1541, 24, dtype, kernel_device, wide=5)
+    for capacity in (None, 3):
+        scores, ids = filtered_topk(q, x, 20, 17, metric, capacity=capacity)
+        check(scores, ids, q, x, 20, 17, metric)
+
+
+@pytest.mark.triton
+def test_filter_with_the_best_rows_in_few_tiles(kernel_device):
+    """Rows sorted by score for the first query: its k best fill the first tiles, so tau (the k-th best tile
+    maximum) is far below its k-th best score and most rows pass: the overflow path, exact."""
+    torch.manual_seed(6)
+    q, x = make(3, 3000, 16, torch.float32, kernel_device)
+    x = x[torch.argsort(brute_force(q, x, 16, "ip")[0].to(kernel_device), descending=True)]
+    scores, ids = filtered_topk(q, x, 30, 16, "ip")
+    check(scores, ids, q, x, 30, 16, "ip")
+    assert (ids[0].sort().values.cpu() == torch.arange(30)).all()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_filter_ties_at_the_threshold(kernel_device, metric):
+    """Integer data: many rows share the threshold key. The answer takes as many of them as it needs; any
+    choice among equal scores is right, so compare the scores and each id's own score."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(-1, 2, (6, 8), generator=g).float().to(kernel_device)
+    x = torch.randint(-1, 2, (1700, 8), generator=g).float().to(kernel_device)
+    k = 25
+    scores, ids = filtered_topk(q, x, k, 8, metric)
+    ref = brute_force(q, x, 8, metric)
+    oriented = -scores.cpu().double() if metric == "l2" else scores.cpu().double()
+    assert torch.equal(oriented, torch.topk(ref, k, dim=1).values)
+    assert torch.equal(ref.gather(1, ids.cpu()), oriented)
+    assert all(len(set(row.tolist())) == k for row in ids.cpu())
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_filter_nan_rows_surface_first(kernel_device, metric):
+    q, x = make(4, 1400, 16, torch.float32, kernel_device)
+    x[17, 3] = float("nan")
+    x[1250, 0] = float("nan")
+    scores, ids = filtered_topk(q, x, 21, 16, metric)
+    assert torch.isnan(scores[:, :2]).all() and not torch.isnan(scores[:, 2:]).any()
+    assert (ids[:, :2].sort(1).values.cpu() == torch.tensor([17, 1250])).all()
+
+
+@pytest.mark.triton
+def test_large_k_dispatch(kernel_device, monkeypatch):
+    """prefix_topk_triton takes the filter for k > KS_MAX where the database has k tiles, else the chunked
+    scores; both exact."""
+    from mrl_kernels.kernels import prefix_filter, prefix_topk
+
+    taken = []
+    monkeypatch.setattr(prefix_topk, "KS_MAX", 8)
+    monkeypatch.setattr(prefix_topk, "_chunked_topk",
+                        lambda *a, _f=prefix_topk._chunked_topk: taken.append("chunked") or _f(*a))
+    monkeypatch.setattr(prefix_filter, "filtered_topk",
+                        lambda *a, _f=prefix_filter.filtered_topk: taken.append("filter") or _f(*a))
+    torch.manual_seed(8)
+    tile = filter_config(torch.float32, 16)["BLOCK_N"]
+    for n, path in ((19 * tile + 1, "filter"), (19 * tile, "chunked")):  # 20 tiles (the last of one row), 19
+        q, x = make(5, n, 16, torch.float32, kernel_device)
+        check(*prefix_topk_triton(q, x, 20, 16, "l2"), q, x, 20, 16, "l2")
+        assert taken.pop() == path
+
+
+def test_filter_needs_k_tiles():
+    q, x = make(2, 100, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="at least k=5 tiles"):
+        filtered_topk(q, x, 5, 8, "ip")

@@ -17,6 +17,7 @@ SMALL_BUDGET = 8 << 10  # bytes: several row chunks and query batches at these s
 @pytest.fixture
 def small_chunks(monkeypatch):
     monkeypatch.setattr(search_torch, "SCORE_CHUNK_BYTES", SMALL_BUDGET)
+    monkeypatch.setattr(search_torch, "CPU_BLOCK", SMALL_BUDGET // 4)
 
 
 def make_data(n_queries=Q, n_rows=N, dim=D, dtype=torch.float32, seed=0):

@@ -114,7 +114,8 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
 # Kernel modules whose aot_specs() are compiled; each yields (label, fn, signature, constexprs, options) where
 # options holds num_warps and optionally num_stages, exactly as the launcher passes them.
 KERNEL_MODULES = ("mrl_kernels.kernels.prefix_norms", "mrl_kernels.kernels.nested_ce_forward",
-                  "mrl_kernels.kernels.nested_ce_backward", "mrl_kernels.kernels.prefix_topk")
+                  "mrl_kernels.kernels.nested_ce_backward", "mrl_kernels.kernels.prefix_topk",
+                  "mrl_kernels.kernels.prefix_filter")
 
 
 def compile_all(archs=ARCHS):

@@ -16,8 +16,9 @@ merge sorts) only when some query of the block has a tile key above its current 
 first tiles most tiles cost just the dot. Programs write [Q, splits * KS] keys (every element: a split with
 fewer than KS rows pads with a sentinel below every real key); torch.topk over them and a decode of the keys
 give the result. Exact: the key order is the score order (ties broken by row id, any order being allowed).
-k > KS_MAX: the same kernel with SELECT=False writes oriented fp32 scores of one bounded [query batch,
-database chunk] block at a time (never the whole matrix), merged with torch.topk per chunk; still exact.
+k > KS_MAX: a threshold filter (prefix_filter.py) where the database has at least k tiles; below that (at most
+k * BLOCK_N rows) the same kernel with SELECT=False writes oriented fp32 scores of one bounded [query batch,
+database chunk] block at a time (never the whole matrix), merged with torch.topk per chunk; both exact.
 
 NaN: a NaN score (from a NaN in a query or database row, or inf - inf) gets the largest key, so it ranks first for every
 metric (for l2 that differs from torch.topk's smallest-k, which would put NaN last and silently drop it):
@@ -97,6 +98,46 @@ def _merge_best(best, top):
 
 
 @triton.jit
+def tile_scores(q_ptrs, q_ok, X, xrows, x_ok, dim, stride_x, METRIC: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Oriented fp32 scores (larger is better for every metric) of a query block against database rows `xrows`.
+    Masks: query rows off q_ok and database rows off x_ok load as 0, columns >= dim add nothing."""
+    x_ptrs = X + row_offsets(xrows, stride_x)[:, None]
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    sq_q = tl.zeros([BLOCK_M], tl.float32)
+    sq_x = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, dim, BLOCK_K):
+        col_ok = k0 + kk < dim
+        qt = tl.load(q_ptrs + (k0 + kk)[None, :], mask=q_ok[:, None] & col_ok[None, :], other=0.0)
+        xt = tl.load(x_ptrs + (k0 + kk)[None, :], mask=x_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(qt, tl.trans(xt), acc, input_precision=PRECISION)
+        if METRIC != "ip":
+            qf = qt.to(tl.float32)
+            xf = xt.to(tl.float32)
+            sq_q += tl.sum(qf * qf, axis=1)
+            sq_x += tl.sum(xf * xf, axis=1)
+    if METRIC == "cosine":
+        inv_q = 1.0 / tl.maximum(tl.sqrt(sq_q), EPS)
+        inv_x = 1.0 / tl.maximum(tl.sqrt(sq_x), EPS)
+        return acc * inv_q[:, None] * inv_x[None, :]
+    elif METRIC == "l2":
+        d = sq_q[:, None] + sq_x[None, :] - 2.0 * acc
+        return -tl.where(d != d, d, tl.maximum(d, 0.0))  # the clamp must not swallow NaN
+    else:
+        return acc
+
+
+@triton.jit
+def score_keys(s, x_ok):
+    """int32 keys that order like the scores s (NaN above everything, rows off x_ok below everything)."""
+    bits = s.to(tl.int32, bitcast=True)
+    hi = bits ^ ((bits >> 31) & LOW31)  # order-preserving: negative floats flip their magnitude bits
+    hi = tl.where(s != s, NAN_HI, hi)
+    return tl.where(x_ok[None, :], hi, EMPTY_HI)
+
+
+@triton.jit
 def prefix_topk_kernel(
     Q, X, OUT, n_queries, n_rows, dim, rows_per_split, stride_q, stride_x, stride_out,
     METRIC: tl.constexpr,     # "ip", "cosine" or "l2"
@@ -111,43 +152,15 @@ def prefix_topk_kernel(
     qrows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     q_ok = qrows < n_queries
     q_ptrs = Q + row_offsets(qrows, stride_q)[:, None]
-    kk = tl.arange(0, BLOCK_K)
     # A loop bound taken from program_id breaks the interpreter: every split walks rows_per_split (whole tiles).
     first = tl.program_id(1) * rows_per_split
     best = tl.full([BLOCK_M, KS], EMPTY_HI, tl.int64) << 32
     for n0 in range(0, rows_per_split, BLOCK_N):
         xrows = first + n0 + tl.arange(0, BLOCK_N)
         x_ok = xrows < n_rows
-        x_ptrs = X + row_offsets(xrows, stride_x)[:, None]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        sq_q = tl.zeros([BLOCK_M], tl.float32)
-        sq_x = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, dim, BLOCK_K):
-            col_ok = k0 + kk < dim
-            qt = tl.load(q_ptrs + (k0 + kk)[None, :], mask=q_ok[:, None] & col_ok[None, :], other=0.0)
-            xt = tl.load(x_ptrs + (k0 + kk)[None, :], mask=x_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(qt, tl.trans(xt), acc, input_precision=PRECISION)
-            if METRIC != "ip":
-                qf = qt.to(tl.float32)
-                xf = xt.to(tl.float32)
-                sq_q += tl.sum(qf * qf, axis=1)
-                sq_x += tl.sum(xf * xf, axis=1)
-        # Oriented score: larger is better for every metric.
-        if METRIC == "cosine":
-            inv_q = 1.0 / tl.maximum(tl.sqrt(sq_q), EPS)
-            inv_x = 1.0 / tl.maximum(tl.sqrt(sq_x), EPS)
-            s = acc * inv_q[:, None] * inv_x[None, :]
-        elif METRIC == "l2":
-            d = sq_q[:, None] + sq_x[None, :] - 2.0 * acc
-            s = -tl.where(d != d, d, tl.maximum(d, 0.0))  # the clamp must not swallow NaN
-        else:
-            s = acc
+        s = tile_scores(q_ptrs, q_ok, X, xrows, x_ok, dim, stride_x, METRIC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         if SELECT:
-            bits = s.to(tl.int32, bitcast=True)
-            hi = bits ^ ((bits >> 31) & LOW31)  # order-preserving: negative floats flip their magnitude bits
-            hi = tl.where(s != s, NAN_HI, hi)
-            hi = tl.where(x_ok[None, :], hi, EMPTY_HI)
-            keys = (hi.to(tl.int64) << 32) | xrows.to(tl.int64)[None, :]
+            keys = (score_keys(s, x_ok).to(tl.int64) << 32) | xrows.to(tl.int64)[None, :]
             # Merge only when some query of the block has a key above its KS-th best.
             better = tl.max(keys, axis=1) > tl.min(best, axis=1)
             if tl.max(better.to(tl.int32), axis=0) > 0:
@@ -237,6 +250,10 @@ def prefix_topk_triton(queries: torch.Tensor, database: torch.Tensor, k: int, di
     n_q, n = queries.shape[0], database.shape[0]
     ks = triton.next_power_of_2(k)
     if ks > KS_MAX:
+        from .prefix_filter import filter_config, filtered_topk  # that module builds on this one
+
+        if triton.cdiv(n, filter_config(queries.dtype, dim)["BLOCK_N"]) >= k:
+            return filtered_topk(queries, database, k, dim, metric)
         return _chunked_topk(queries, database, k, dim, metric, chunk_elems)
     cfg = launch_config(queries.dtype, dim, ks)
     splits = splits or database_splits(n_q, n, cfg["BLOCK_M"], cfg["BLOCK_N"], queries.device)
