@@ -4,6 +4,7 @@ multiple of the query block, N not a multiple of any tile, and a database that i
 tensor (row stride > D, read in place)."""
 import pytest
 import torch
+import triton
 
 from mrl_kernels.kernels.prefix_filter import filter_config, filtered_topk
 from mrl_kernels.kernels.prefix_topk import _launch, decode, launch_config, prefix_topk_triton
@@ -142,17 +143,50 @@ def test_outputs_fully_written(kernel_device, select):
 
 # ---- k > KS_MAX on a database of at least k tiles: the threshold filter (prefix_filter.py) ----
 
+@pytest.fixture
+def filter_counts(monkeypatch):
+    """The (keys above tau, keys equal to tau) counts and capacity of every filter launch, in order."""
+    from mrl_kernels.kernels import prefix_filter
+
+    seen, run = [], prefix_filter._filter
+
+    def spy(queries, database, tau, k, dim, metric, cfg, capacity):
+        keys, count = run(queries, database, tau, k, dim, metric, cfg, capacity)
+        seen.append((count.cpu(), capacity))
+        return keys, count
+
+    monkeypatch.setattr(prefix_filter, "_filter", spy)
+    return seen
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_filter_matches_float64_brute_force(kernel_device, metric, dtype):
-    """Q not a multiple of the query block, N not a multiple of the tile, a strided prefix, odd dim; a first
-    capacity that fits and one of 3 keys that overflows for every query (filtered again, exact)."""
+def test_filter_matches_float64_brute_force(kernel_device, filter_counts, metric, dtype):
+    """Q = 70 (two query blocks, the second partial), N not a multiple of the tile, a strided prefix, odd dim.
+    The default capacity fits (one filter launch per batch); a capacity of 3 overflows for every query, which
+    are then filtered again at their exact count (exact)."""
     torch.manual_seed(5)
-    q, x = make(7, 1541, 24, dtype, kernel_device, wide=5)
-    for capacity in (None, 3):
-        scores, ids = filtered_topk(q, x, 20, 17, metric, capacity=capacity)
-        check(scores, ids, q, x, 20, 17, metric)
+    q, x = make(70, 1541, 24, dtype, kernel_device, wide=5)
+    check(*filtered_topk(q, x, 20, 17, metric), q, x, 20, 17, metric)
+    assert [c for _, c in filter_counts] == [80, 80]  # two batches of whole query blocks (64 + 6), no re-filter
+    assert all((count[:, 0] <= 80).all() for count, _ in filter_counts)
+    filter_counts.clear()
+    check(*filtered_topk(q, x, 20, 17, metric, capacity=3), q, x, 20, 17, metric)
+    (first, cap1), (_, again1), (second, cap2), (_, again2) = filter_counts
+    assert cap1 == cap2 == 3 and (first[:, 0] > 3).all() and (second[:, 0] > 3).all()
+    assert (again1, again2) == (int(first[:, 0].max()), int(second[:, 0].max()))
+
+
+@pytest.mark.triton
+def test_filter_small_budget(kernel_device, filter_counts):
+    """A budget of two queries per batch and one per re-filter: every batch and re-filter writes its own rows."""
+    torch.manual_seed(11)
+    q, x = make(6, 1541, 24, torch.float32, kernel_device)
+    tiles = triton.cdiv(1541, filter_config(torch.float32, 17)["BLOCK_N"])
+    budget = 2 * (tiles * 4 + (3 + 20) * 8) + 1
+    check(*filtered_topk(q, x, 20, 17, "l2", capacity=3, budget_bytes=budget), q, x, 20, 17, "l2")
+    assert [len(count) for count, _ in filter_counts] == [2, 1, 1] * 3
 
 
 @pytest.mark.triton
@@ -169,9 +203,10 @@ def test_filter_with_the_best_rows_in_few_tiles(kernel_device):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_filter_ties_at_the_threshold(kernel_device, metric):
-    """Integer data: many rows share the threshold key. The answer takes as many of them as it needs; any
-    choice among equal scores is right, so compare the scores and each id's own score."""
+def test_filter_ties_at_the_threshold(kernel_device, filter_counts, metric):
+    """Integer data: more than k rows share the threshold key, so the tie list fills and the rest are dropped.
+    The answer takes as many of them as it needs; any choice among equal scores is right, so compare the
+    scores and each id's own score."""
     g = torch.Generator().manual_seed(7)
     q = torch.randint(-1, 2, (6, 8), generator=g).float().to(kernel_device)
     x = torch.randint(-1, 2, (1700, 8), generator=g).float().to(kernel_device)
@@ -182,11 +217,14 @@ def test_filter_ties_at_the_threshold(kernel_device, metric):
     assert torch.equal(oriented, torch.topk(ref, k, dim=1).values)
     assert torch.equal(ref.gather(1, ids.cpu()), oriented)
     assert all(len(set(row.tolist())) == k for row in ids.cpu())
+    ((count, _),) = filter_counts
+    assert ((count[:, 0] < k) & (count[:, 1] > k)).any()  # a query that needs ties and has more than room
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 def test_filter_nan_rows_surface_first(kernel_device, metric):
+    torch.manual_seed(9)
     q, x = make(4, 1400, 16, torch.float32, kernel_device)
     x[17, 3] = float("nan")
     x[1250, 0] = float("nan")
@@ -219,3 +257,14 @@ def test_filter_needs_k_tiles():
     q, x = make(2, 100, 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match="at least k=5 tiles"):
         filtered_topk(q, x, 5, 8, "ip")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k", [200, 2048])
+def test_filter_on_the_gpu(k):
+    """The filter as launched on a GPU (many database splits in flight, concurrent slot reservations) through
+    prefix_topk_triton at a real k > KS_MAX."""
+    torch.manual_seed(10)
+    q, x = make(100, 300_001, 40, torch.float16, "cuda", wide=8)
+    for metric in ("ip", "l2"):
+        check(*prefix_topk_triton(q, x, k, 16, metric), q, x, k, 16, metric)

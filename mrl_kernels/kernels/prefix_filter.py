@@ -117,8 +117,12 @@ def filtered_topk(queries: torch.Tensor, database: torch.Tensor, k: int, dim: in
     n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
     if n_tiles < k:
         raise ValueError(f"filtered_topk needs at least k={k} tiles of {cfg['BLOCK_N']} rows, got {n_tiles}")
+    if queries.stride(1) != 1:
+        queries = queries.contiguous()
     capacity = capacity or CAPACITY_PER_K * k
     q_batch = max(1, min(n_q, budget_bytes // (n_tiles * 4 + (capacity + k) * 8)))
+    if q_batch > cfg["BLOCK_M"]:  # whole query blocks: each batch reads the database twice
+        q_batch -= q_batch % cfg["BLOCK_M"]
     constexprs, options = split_launch_options(cfg)
     best = torch.empty((n_q, k), dtype=torch.int64, device=queries.device)
     for q0 in range(0, n_q, q_batch):
@@ -129,6 +133,7 @@ def filtered_topk(queries: torch.Tensor, database: torch.Tensor, k: int, dim: in
                               tile_max.stride(0), METRIC=metric, **constexprs, **options)
         tau = torch.topk(tile_max, k, dim=1).values[:, -1].contiguous()
         keys, count = _filter(q, database, tau, k, dim, metric, cfg, capacity)
+        _check_count(count, k)
         best[q0:q0 + q.shape[0]] = torch.topk(keys, k, dim=1).values
         over = (count[:, 0] > capacity).nonzero()[:, 0]
         if over.numel():  # filter those queries again with room for every key they have above tau
@@ -136,9 +141,20 @@ def filtered_topk(queries: torch.Tensor, database: torch.Tensor, k: int, dim: in
             sub = max(1, budget_bytes // ((exact + k) * 8))
             for i in range(0, over.numel(), sub):
                 rows = over[i:i + sub]
-                keys, _ = _filter(q[rows], database, tau[rows], k, dim, metric, cfg, exact)
+                keys, count = _filter(q[rows], database, tau[rows], k, dim, metric, cfg, exact)
+                _check_count(count, k)
                 best[q0 + rows] = torch.topk(keys, k, dim=1).values
     return decode(best, metric)
+
+
+def _check_count(count, k):
+    """Every query must have found k keys at or above tau. Fewer would mean the two kernels scored a row
+    differently (they share tile_scores, so they should not); padding would then decode as NaN scores,
+    which look like the NaN rows that rank first. Refuse that rather than return it."""
+    found = count[:, 0] + count[:, 1].clamp(max=k)
+    if bool((found < k).any()):
+        raise RuntimeError(f"prefix top-k filter found {int(found.min())} < k={k} rows at or above the threshold: "
+                           "the tile-maximum and filter passes disagree; please report this")
 
 
 def aot_specs():
