@@ -167,8 +167,13 @@ def _pairwise(q: Tensor, x: Tensor, metric: str) -> Tensor:
 
 
 def _best(scores: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
-    """The best k entries of each row, best first: largest for ip/cosine, smallest for l2."""
-    return torch.topk(scores, k, dim=1, largest=metric != "l2", sorted=True)
+    """The best k entries of each row, best first: largest for ip/cosine, smallest for l2. A NaN score
+    (from a NaN in a vector) ranks first for every metric, as in the kernels, so it surfaces instead of
+    being dropped (torch.topk ranks NaN largest, hence the negation for l2)."""
+    if metric == "l2":
+        best, pos = torch.topk(scores.neg(), k, dim=1, sorted=True)
+        return 0.0 - best, pos  # 0 - x: no -0.0
+    return torch.topk(scores, k, dim=1, sorted=True)
 
 
 def prefix_scores(queries: Tensor, database: Tensor, dim: int | None = None,

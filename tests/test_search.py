@@ -107,16 +107,51 @@ def test_default_budget_bounds(k, dim, cpu):
 
 def test_grouped_topk_is_topk():
     """grouped_topk equals torch.topk as a set of values, with each id's own value, for long and ragged
-    rows, both directions, and ties (integer-valued scores)."""
+    rows, ties (integer-valued scores), and NaN (ranked first, as torch.topk does)."""
     g = torch.Generator().manual_seed(3)
     for n, k, group in ((4096, 100, 32), (4096 + 19, 100, 32), (1000, 31, 8), (640, 20, 32)):
-        for s in (torch.randn(5, n, generator=g), torch.randint(0, 40, (5, n), generator=g).float()):
-            for largest in (True, False):
-                top, ids = search_torch.grouped_topk(s, k, largest, group)
-                want = torch.topk(s, k, dim=1, largest=largest).values
-                assert torch.equal(top.sort(dim=1, descending=largest).values, want)
-                assert torch.equal(s.gather(1, ids), top)
-                assert (ids.sort(dim=1).values.diff(dim=1) > 0).all()
+        nan = torch.randn(5, n, generator=g)
+        nan[0, 7], nan[1, n - 1], nan[2, :40] = float("nan"), float("nan"), float("nan")
+        for s in (torch.randn(5, n, generator=g), torch.randint(0, 40, (5, n), generator=g).float(), nan):
+            top, ids = search_torch.grouped_topk(s, k, group)
+            want = torch.topk(s, k, dim=1).values
+            assert torch.equal(top.sort(dim=1, descending=True).values.nan_to_num(), want.nan_to_num())
+            assert torch.equal(s.gather(1, ids).nan_to_num(), top.nan_to_num())
+            assert (ids.sort(dim=1).values.diff(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_nan_and_inf_rows_surface_first(small_chunks, metric, backend):
+    """A NaN in a database row's prefix makes its scores NaN: it ranks first for every metric (as in the
+    Triton kernel), never dropped, never replaced by a placeholder id, at k < N and k = N; an overflowing
+    row (score +-inf) is an ordinary candidate."""
+    queries, database = make_data(n_rows=300)
+    database[17, 3] = float("nan")
+    database[250, 0] = float("nan")
+    database[40] = 1e30  # |x|^2 and q.x overflow fp32
+    for k in (5, 300):
+        scores, ids = mk.prefix_topk(queries, database, k, dim=16, metric=metric, backend=backend)
+        assert torch.isnan(scores[:, :2]).all() and not torch.isnan(scores[:, 2:]).any()
+        assert (ids[:, :2].sort(1).values == torch.tensor([17, 250])).all()
+        assert ((ids >= 0) & (ids < 300)).all() and (ids.sort(1).values.diff(1) > 0).all()
+        if k == 300:
+            assert (ids == 40).any(dim=1).all()
+    cand = torch.arange(300).expand(Q, -1)
+    scores, ids = mk.rerank(queries, database, cand, 5, dim=16, metric=metric, backend=backend)
+    assert torch.isnan(scores[:, :2]).all() and (ids[:, :2].sort(1).values == torch.tensor([17, 250])).all()
+
+
+def test_inputs_that_require_grad():
+    """Search takes model outputs as they are (no gradient flows to the scores)."""
+    queries, database = make_data()
+    queries.requires_grad_(True)
+    database.requires_grad_(True)
+    for backend in ("torch", "reference"):
+        scores, ids = mk.prefix_topk(queries, database, 300, dim=9, metric="cosine", backend=backend)
+        assert scores.shape == (Q, 300)
+        scores, ids = mk.adaptive_search(queries, database, 10, shortlist=50, shortlist_dim=8, backend=backend)
+        assert ids.shape == (Q, 10)
 
 
 def test_grouped_topk_in_the_search(monkeypatch):

@@ -4,9 +4,9 @@ prefix_topk_torch never forms the Q x N score matrix: database rows go in chunks
 batches sized from SCORE_CHUNK_BYTES; each (batch, chunk) block of scores is reduced to its best k at
 once and merged with the running best (cat + topk). The prefix is read from the strided view
 database[:, :dim] once, a chunk at a time (no copy of the database); 16-bit rows are upcast to fp32
-one chunk at a time. rerank_torch gathers
-the candidate rows at `dim` dims for a batch of queries at a time and scores them with one batched
-matmul. Nothing here validates its inputs (mrl_kernels.ops.search does).
+one chunk at a time. rerank_torch gathers the candidate rows at `dim` dims for a batch of queries at a
+time and scores them against their query. A NaN score (a NaN in a vector) ranks first for every metric,
+as in the Triton kernel. Nothing here validates its inputs (mrl_kernels.ops.search does).
 """
 from __future__ import annotations
 
@@ -57,54 +57,60 @@ def blocks(n_queries: int, n_rows: int, dim: int, k: int, elem_bytes: int, cpu: 
     return qb, fit(1, half // qb)[1]
 
 
-def _largest(metric: str) -> bool:
-    return metric != "l2"
-
-
-def grouped_topk(s: Tensor, k: int, largest: bool, group: int = 32) -> tuple[Tensor, Tensor]:
-    """torch.topk(s, k, dim=1, sorted=False), exact, for rows much longer than k: the row is cut into
-    groups of `group` values and only the k groups with the best maxima are searched. Each of the k
-    best values lies in a group whose maximum is at least the k-th best value, and at most k groups have
-    one, so those groups hold the whole answer (with ties, an equally good answer). One vectorised
-    max pass plus two small top-ks cost less than torch.topk over the whole row for k in the hundreds."""
+def grouped_topk(s: Tensor, k: int, group: int = 32) -> tuple[Tensor, Tensor]:
+    """torch.topk(s, k, dim=1, sorted=False) (largest, NaN first), exact, for rows much longer than k: the row
+    is cut into groups of `group` values and only the k groups with the best maxima are searched. Each of the
+    k best values lies in a group whose maximum is at least the k-th best value, and at most k groups have
+    one, so those groups hold the whole answer (with ties, an equally good answer; a NaN makes its group's
+    maximum NaN, which ranks first as the NaN itself does). One vectorised max pass plus two small top-ks cost
+    less than torch.topk over the whole row for k in the hundreds."""
     n_q, n = s.shape
     whole = n - n % group
     groups = s[:, :whole].view(n_q, whole // group, group)
-    best = groups.amax(2) if largest else groups.amin(2)
-    _, g = torch.topk(best, k, dim=1, largest=largest, sorted=False)
+    _, g = torch.topk(groups.amax(2), k, dim=1, sorted=False)
     cand = groups[torch.arange(n_q, device=s.device)[:, None], g].view(n_q, k * group)
     if whole < n:  # the ragged tail joins the candidates as it is
         cand = torch.cat([cand, s[:, whole:]], dim=1)
-    top, at = torch.topk(cand, k, dim=1, largest=largest, sorted=False)
+    top, at = torch.topk(cand, k, dim=1, sorted=False)
     in_group = at < k * group
     pos = g.gather(1, (at // group).clamp_max(k - 1)) * group + at % group
     return top, torch.where(in_group, pos, at - k * group + whole)
 
 
-def _sort(s: Tensor, i: Tensor, largest: bool) -> tuple[Tensor, Tensor]:
-    s, pos = torch.sort(s, dim=1, descending=largest, stable=True)
-    return s, i.gather(1, pos)
+def _unorient(s: Tensor, metric: str) -> Tensor:
+    """Scores are kept larger-is-better (minus the distance for l2) so that one top-k direction serves every
+    metric and a NaN ranks first everywhere (torch.topk ranks NaN largest); back to distances for l2."""
+    return 0.0 - s if metric == "l2" else s  # 0 - s: no -0.0
 
 
+def _merge(best: tuple[Tensor, Tensor] | None, s: Tensor, i: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The best k of the running best (None before the first chunk) and a chunk's candidates."""
+    if best is not None:
+        s, i = torch.cat([best[0], s], dim=1), torch.cat([best[1], i], dim=1)
+    if s.shape[1] > k:
+        s, pos = torch.topk(s, k, dim=1, sorted=False)
+        i = i.gather(1, pos)
+    return s, i
+
+
+@torch.no_grad()
 def prefix_topk_torch(queries: Tensor, database: Tensor, k: int, dim: int, metric: str) -> tuple[Tensor, Tensor]:
     """Exact top-k of each query over all database rows on the first `dim` dims, best first:
-    (scores [Q, k] fp32 (fp64 for fp64 inputs), ids [Q, k] int64).
+    (scores [Q, k] fp32 (fp64 for fp64 inputs), ids [Q, k] int64). No gradient flows to the scores.
 
     Database chunks are the outer loop, so the prefix is read once whatever the number of query
     batches: each chunk (unless the prefix is already contiguous in the score dtype) is gathered into a
     reused contiguous buffer (upcast for 16-bit storage) and scored against every query batch into a
-    reused score buffer (a fresh multi-MB allocation per step
-    costs the CPU more in page faults than the matmul itself)."""
+    reused score buffer (a fresh multi-MB allocation per step costs the CPU more in page faults than the
+    matmul itself)."""
     acc = acc_dtype(database.dtype)
     n_q, n = queries.shape[0], database.shape[0]
-    largest = _largest(metric)
     qb, nc = blocks(n_q, n, dim, k, torch.finfo(acc).bits // 8, cpu=queries.device.type == "cpu")
     prefix = database[:, :dim]  # strided view, no copy
     in_place = prefix.is_contiguous() and prefix.dtype == acc  # chunks are used as they are
     chunk_buf = None if in_place else torch.empty((min(nc, n), dim), dtype=acc, device=queries.device)
     score_buf = torch.empty(min(qb, n_q) * min(nc, n), dtype=acc, device=queries.device)
-    best_s = torch.full((n_q, k), float("-inf") if largest else float("inf"), dtype=acc, device=queries.device)
-    best_i = torch.full((n_q, k), -1, dtype=torch.int64, device=queries.device)
+    best = {}  # first query of a batch -> its running best (scores, ids)
     for r0 in range(0, n, nc):
         chunk = prefix[r0:r0 + nc]
         x = chunk if in_place else chunk_buf[:chunk.shape[0]].copy_(chunk)
@@ -120,31 +126,32 @@ def prefix_topk_torch(queries: Tensor, database: Tensor, k: int, dim: int, metri
             s = torch.mm(q, x.T, out=score_buf[:q.shape[0] * x.shape[0]].view(q.shape[0], x.shape[0]))
             if metric == "cosine":
                 s.div_(x_scale)
-            elif metric == "l2":
-                s.mul_(-2).add_(q.square().sum(1, keepdim=True)).add_(x_scale).clamp_min_(0)
+            elif metric == "l2":  # minus the squared distance
+                s.mul_(2).sub_(q.square().sum(1, keepdim=True)).sub_(x_scale).clamp_max_(0)
             if kc >= GROUPED_K and x.shape[0] >= GROUPED_ROWS_PER_K * kc:
-                top_s, pos = grouped_topk(s, kc, largest)
+                top_s, pos = grouped_topk(s, kc)
             else:
-                top_s, pos = torch.topk(s, kc, dim=1, largest=largest, sorted=False)
-            rows = slice(q0, q0 + q.shape[0])
-            merged_s, at = torch.topk(torch.cat([best_s[rows], top_s], dim=1), k, dim=1, largest=largest,
-                                      sorted=False)
-            best_i[rows] = torch.cat([best_i[rows], pos + r0], dim=1).gather(1, at)
-            best_s[rows] = merged_s
-    return _sort(best_s, best_i, largest)
+                top_s, pos = torch.topk(s, kc, dim=1, sorted=False)
+            best[q0] = _merge(best.get(q0), top_s, pos + r0, k)
+    out_s = torch.empty((n_q, k), dtype=acc, device=queries.device)
+    out_i = torch.empty((n_q, k), dtype=torch.int64, device=queries.device)
+    for q0, (s, i) in best.items():
+        s, pos = torch.sort(s, dim=1, descending=True, stable=True)
+        out_s[q0:q0 + s.shape[0]], out_i[q0:q0 + s.shape[0]] = _unorient(s, metric), i.gather(1, pos)
+    return out_s, out_i
 
 
+@torch.no_grad()
 def rerank_torch(queries: Tensor, database: Tensor, candidates: Tensor, k: int, dim: int,
                  metric: str) -> tuple[Tensor, Tensor]:
     """Re-score each query's candidate ids [Q, S] on the first `dim` dims and keep the best k:
-    (scores [Q, k] fp32 (fp64 for fp64 inputs), database ids [Q, k] int64), best first.
+    (scores [Q, k] fp32 (fp64 for fp64 inputs), database ids [Q, k] int64), best first. No gradient.
 
     A batch of queries' candidate rows is gathered into a reused buffer (index_select(out=)) and scored
     against its own query. On the CPU the batch is sized to stay in cache and scored with vecdot, since
     bmm of many matrix-vector products is 8x slower per query there; on a GPU bmm is the fast form."""
     acc = acc_dtype(database.dtype)
     n_q, n_cand = candidates.shape
-    largest = _largest(metric)
     cpu = queries.device.type == "cpu"
     budget = CPU_BLOCK if cpu else max(1, SCORE_CHUNK_BYTES // (torch.finfo(acc).bits // 8))
     qb = max(1, min(n_q, budget // (n_cand * dim)))  # gathered rows: qb * S * dim elements
@@ -162,8 +169,8 @@ def rerank_torch(queries: Tensor, database: Tensor, candidates: Tensor, k: int, 
         s = torch.linalg.vecdot(x, q[:, None, :]) if cpu else torch.bmm(x, q.unsqueeze(2)).squeeze(2)  # [qb, S]
         if metric == "cosine":
             s.div_(torch.linalg.vector_norm(x, dim=2).clamp_min(_EPS))
-        elif metric == "l2":
-            s.mul_(-2).add_(q.square().sum(1, keepdim=True)).add_(x.square().sum(2)).clamp_min_(0)
-        best, pos = torch.topk(s, k, dim=1, largest=largest, sorted=True)
-        out_s[q0:q0 + qb], out_i[q0:q0 + qb] = best, cand.gather(1, pos)
+        elif metric == "l2":  # minus the squared distance, as in prefix_topk_torch
+            s.mul_(2).sub_(q.square().sum(1, keepdim=True)).sub_(x.square().sum(2)).clamp_max_(0)
+        best, pos = torch.topk(s, k, dim=1, sorted=True)
+        out_s[q0:q0 + qb], out_i[q0:q0 + qb] = _unorient(best, metric), cand.gather(1, pos)
     return out_s, out_i
