@@ -120,6 +120,11 @@ def prefix_topk(queries, database, k, dim=None, metric="ip", backend="auto"):
 
     backend: "auto" (Triton on CUDA, the chunked torch fallback elsewhere), "triton", "torch" or
     "reference". The torch backend never holds the Q x N score matrix (see search_torch).
+
+    Queries must be finite. Database rows are not scanned (that would be a second pass over the
+    prefix; MatryoshkaIndex.add refuses non-finite vectors): a row with a NaN in its prefix scores NaN
+    and ranks first for every metric and backend, so it shows up instead of being silently dropped.
+    Inputs may require grad; the triton and torch backends return scores without a gradient.
     """
     full_dim = _check_pair(queries, database)
     k = check_int(k, "k", 1, database.shape[0])
