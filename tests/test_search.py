@@ -418,3 +418,21 @@ def test_triton_backend_through_the_ops(kernel_device, metric):
     got = mk.funnel_search(queries, database, backend="triton", **funnel)
     want = mk.funnel_search(queries.cpu(), database.cpu(), backend="torch", **funnel)
     assert torch.equal(got[1].cpu(), want[1])
+
+
+def test_triton_row_limit():
+    """More rows than the Triton kernels index: an explicit backend='triton' is refused by name before any
+    launch, 'auto' takes the torch backend (the dispatch rule itself: auto picks Triton only on CUDA)."""
+    from mrl_kernels.ops import search
+
+    huge = torch.zeros(1, 4).expand(search.TRITON_MAX_ROWS + 1, 4)  # no memory behind the rows
+    queries = torch.ones(2, 4)
+    if triton_interpreter_on():
+        with pytest.raises(ValueError, match="at most 1073741824 database rows"):
+            mk.prefix_topk(queries, huge, 3, backend="triton")
+        with pytest.raises(ValueError, match="at most 1073741824 database rows"):
+            mk.adaptive_search(queries, huge, 3, shortlist=5, shortlist_dim=2, backend="triton")
+    cuda = torch.device("cuda")
+    assert search._search_backend("prefix_topk", "auto", cuda, search.TRITON_MAX_ROWS + 1) == "torch"
+    assert search._search_backend("prefix_topk", "auto", cuda, search.TRITON_MAX_ROWS) == "triton"
+    assert search._search_backend("prefix_topk", "torch", cuda, search.TRITON_MAX_ROWS + 1) == "torch"

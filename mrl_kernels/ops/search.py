@@ -20,6 +20,9 @@ from .search_torch import prefix_topk_torch, rerank_torch
 
 METRICS = ("ip", "cosine", "l2")
 IMPLEMENTED = ("triton", "torch", "reference")
+# The Triton top-k indexes database rows with int32 (a split's last tile may run up to a split past the
+# end), so it takes at most 2^30 rows; backend="auto" sends larger databases to the torch backend.
+TRITON_MAX_ROWS = 2 ** 30
 RERANK_IMPLEMENTED = ("torch", "reference")
 
 
@@ -73,6 +76,16 @@ def _check_funnel(k: int, dims, shortlists, full_dim: int, n_rows: int) -> tuple
     if any(b > a for a, b in zip(shortlists, shortlists[1:])):
         raise ValueError(f"shortlists must be non-increasing, got {list(shortlists)}")
     return dims, shortlists
+
+
+def _search_backend(op: str, backend, device, n_rows: int) -> str:
+    chosen = resolve_backend(op, backend, device, IMPLEMENTED)
+    if chosen == "triton" and n_rows > TRITON_MAX_ROWS:
+        if backend == "auto":
+            return "torch"
+        raise ValueError(f"{op}: backend='triton' takes at most {TRITON_MAX_ROWS} database rows (int32 row "
+                         f"indices), got {n_rows}; use backend='torch' or 'auto', or shard the database")
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +144,7 @@ def prefix_topk(queries, database, k, dim=None, metric="ip", backend="auto"):
     dim = _check_dim(dim, "dim", full_dim)
     check_choice(metric, "metric", METRICS)
     check_all_finite(queries[:, :dim], "queries")
-    backend = resolve_backend("prefix_topk", backend, queries.device, IMPLEMENTED)
+    backend = _search_backend("prefix_topk", backend, queries.device, database.shape[0])
     return _prefix_topk(queries, database, k, dim, metric, backend)
 
 
@@ -165,7 +178,7 @@ def funnel_search(queries, database, k, dims, shortlists, metric="ip", backend="
     dims, shortlists = _check_funnel(k, dims, shortlists, full_dim, database.shape[0])
     check_choice(metric, "metric", METRICS)
     check_all_finite(queries[:, :max(dims)], "queries")
-    backend = resolve_backend("funnel_search", backend, queries.device, IMPLEMENTED)
+    backend = _search_backend("funnel_search", backend, queries.device, database.shape[0])
     if backend == "reference":
         return reference.funnel_search(queries, database, k, dims, shortlists, metric=metric)
     return _funnel(queries, database, k, dims, shortlists, metric, backend)
@@ -189,7 +202,7 @@ def adaptive_search(queries, database, k, shortlist=200, shortlist_dim=16, reran
         raise ValueError(f"rerank_dim must be >= shortlist_dim ({shortlist_dim}), got {rerank_dim}")
     check_choice(metric, "metric", METRICS)
     check_all_finite(queries[:, :rerank_dim], "queries")
-    backend = resolve_backend("adaptive_search", backend, queries.device, IMPLEMENTED)
+    backend = _search_backend("adaptive_search", backend, queries.device, database.shape[0])
     if backend == "reference":
         return reference.adaptive_search(queries, database, k, shortlist, shortlist_dim, rerank_dim, metric)
     return _funnel(queries, database, k, (shortlist_dim, rerank_dim), (shortlist,), metric, backend)
