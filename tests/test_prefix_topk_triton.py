@@ -253,6 +253,15 @@ def test_large_k_dispatch(kernel_device, monkeypatch):
         assert taken.pop() == path
 
 
+def test_filter_refuses_a_short_count():
+    """Fewer than k keys at or above tau (the two passes disagreeing) is an error, not NaN-looking padding."""
+    from mrl_kernels.kernels.prefix_filter import _check_count
+
+    _check_count(torch.tensor([[3, 1], [0, 9]], dtype=torch.int32), 4)  # 3 + 1 and 0 + min(9, 4)
+    with pytest.raises(RuntimeError, match="found 3 < k=4 rows"):
+        _check_count(torch.tensor([[3, 1], [2, 1]], dtype=torch.int32), 4)
+
+
 def test_filter_needs_k_tiles():
     q, x = make(2, 100, 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match="at least k=5 tiles"):
