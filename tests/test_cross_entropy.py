@@ -130,6 +130,19 @@ def test_class_splits_combine_exactly(kernel_device, shared):
     assert rel_error(one, ref) < 1e-5
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_dim"])
+def test_backward_in_class_chunks(kernel_device, monkeypatch, shared, dtype):
+    """The backward launched one class tile at a time (C = 101: chunks of 64 and 37 classes): targets, label
+    smoothing (over all C), the bias gradient and dW land in the right chunk."""
+    from mrl_kernels.kernels import nested_ce_backward
+
+    monkeypatch.setattr(nested_ce_backward, "DW_CHUNK_BYTES", 1)
+    assert nested_ce_backward.class_chunk(C, D, 64) == 64
+    check("triton", (17, 3, 70), shared, True, dtype, kernel_device, label_smoothing=0.1, ignore_index=7)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_propagates(backend, kernel_device):
     device = kernel_device if backend == "triton" else "cpu"

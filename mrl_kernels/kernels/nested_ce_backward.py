@@ -7,7 +7,8 @@ its ChunkPlan), then walks the pieces from last to first (whole tiles, then the 
 where a piece ends at a nesting boundary it adds that dim's D_j to G, then adds the piece's dx and dW,
 and subtracts the piece's product to step back to the previous boundary's logits. Per-dim heads: each
 head's logits, its D_j, then its dx and dW. Tiles of different programs meet in dx and dW, which are
-accumulated in fp32 with atomic adds.
+accumulated in fp32 with relaxed atomic adds (nothing reads them before the launch ends). The host launches
+the classes in chunks so that only one chunk's fp32 dW accumulator exists at a time.
 """
 import torch
 import triton
@@ -20,24 +21,27 @@ from .nested_ce_forward import (CHUNK_FIELDS, LOG2E, aot_launches, chunk_plan, c
 
 
 @triton.jit
-def softmax_grad(z, lse, coef, cls, ok, target, smoothing, n_classes):
-    """coef * (softmax(z) - (1 - smoothing) onehot(target) - smoothing / C), zero outside `ok`."""
+def softmax_grad(z, lse, coef, cls, ok, target, smoothing, total_classes):
+    """coef * (softmax(z) - (1 - smoothing) onehot(target) - smoothing / C), zero outside `ok`; `cls` are
+    class ids (not chunk-local), C = total_classes."""
     p = tl.exp2((z - lse[:, None]) * LOG2E)
-    d = p - tl.where(cls[None, :] == target[:, None], 1.0 - smoothing, 0.0) - smoothing / n_classes
+    d = p - tl.where(cls[None, :] == target[:, None], 1.0 - smoothing, 0.0) - smoothing / total_classes
     return tl.where(ok, d * coef[:, None], 0.0)
 
 
 @triton.jit
-def add_dim_grad(grad, acc, dim, cls, cls_ok, row_ok, target, LSE, COEF, stats, BIAS, DB, stride_bias, smoothing,
-                 n_classes, SHARED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """grad + D_dim for the finished logits tile `acc` of dim `dim`; adds D_dim's column sums to dbias."""
+def add_dim_grad(grad, acc, dim, cls, cls_ok, class_offset, row_ok, target, LSE, COEF, stats, BIAS, DB, stride_bias,
+                 smoothing, total_classes, SHARED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """grad + D_dim for the finished logits tile `acc` of dim `dim`; adds D_dim's column sums to dbias.
+    `cls` index the launch's chunk of classes, which starts at class `class_offset`."""
     z = acc
     bias_row = (0 if SHARED else dim) * stride_bias
     if HAS_BIAS:
         z += tl.load(BIAS + bias_row + cls, mask=cls_ok, other=0.0).to(tl.float32)[None, :]
     lse = tl.load(LSE + stats + dim, mask=row_ok, other=0.0)
     coef = tl.load(COEF + stats + dim, mask=row_ok, other=0.0)
-    d = softmax_grad(z, lse, coef, cls, row_ok[:, None] & cls_ok[None, :], target, smoothing, n_classes)
+    d = softmax_grad(z, lse, coef, class_offset + cls, row_ok[:, None] & cls_ok[None, :], target, smoothing,
+                     total_classes)
     if HAS_BIAS:
         tl.atomic_add(DB + bias_row + cls, tl.sum(d, axis=0), mask=cls_ok, sem="relaxed")
     return grad + d
@@ -54,8 +58,8 @@ def add_tile_grads(grad, xt, wt, dx_ptrs, dw_ptrs, dx_mask, dw_mask, PRECISION: 
 @triton.jit
 def nested_ce_backward_kernel(
     X, W, BIAS, TARGET, LSE, COEF, DX, DW, DB, CHUNKS, FOLD_AT, HEADS,
-    n_rows, n_classes, n_dims, n_chunks, k_start, k_end, stride_x, stride_w, stride_bias, smoothing,
-    SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, K_ALIGN: tl.constexpr, PRECISION: tl.constexpr,
+    n_rows, n_classes, class_offset, total_classes, n_dims, n_chunks, k_start, k_end, stride_x, stride_w,
+    stride_bias, smoothing, SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, K_ALIGN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -84,8 +88,8 @@ def nested_ce_backward_kernel(
             k = k_end - (back + 1) * BLOCK_K
             dim = tl.load(FOLD_AT + n_tiles - 1 - back)
             if dim >= 0:  # acc holds logits_dim: add D_dim to the segment gradient
-                grad = add_dim_grad(grad, acc, dim, cls, cls_ok, row_ok, target, LSE, COEF, stats, BIAS, DB, stride_bias,
-                                    smoothing, n_classes, SHARED, HAS_BIAS)
+                grad = add_dim_grad(grad, acc, dim, cls, cls_ok, class_offset, row_ok, target, LSE, COEF, stats, BIAS,
+                                    DB, stride_bias, smoothing, total_classes, SHARED, HAS_BIAS)
             xt = tl.load(x_rows + (k + kk)[None, :], mask=row_ok[:, None], other=0.0)
             wt = tl.load(w_rows + (k + kk)[None, :], mask=cls_ok[:, None], other=0.0)
             add_tile_grads(grad, xt, wt, dx_rows + (k + kk)[None, :], dw_rows + (k + kk)[None, :],
@@ -95,8 +99,8 @@ def nested_ce_backward_kernel(
             chunk = n_chunks - 1 - back
             dim = tl.load(CHUNKS + chunk * CHUNK_FIELDS + 3)
             if dim >= 0:
-                grad = add_dim_grad(grad, acc, dim, cls, cls_ok, row_ok, target, LSE, COEF, stats, BIAS, DB, stride_bias,
-                                    smoothing, n_classes, SHARED, HAS_BIAS)
+                grad = add_dim_grad(grad, acc, dim, cls, cls_ok, class_offset, row_ok, target, LSE, COEF, stats, BIAS,
+                                    DB, stride_bias, smoothing, total_classes, SHARED, HAS_BIAS)
             acc, xt, wt, cols, col_ok, w_shift = chunk_product(acc, x_rows, w_rows, row_ok, cls_ok, CHUNKS, chunk,
                                                                -1.0, K_ALIGN, BLOCK_K, PRECISION)
             add_tile_grads(grad, xt, wt, dx_rows + cols[None, :], dw_rows + (w_shift + cols)[None, :],
@@ -106,38 +110,62 @@ def nested_ce_backward_kernel(
             acc, m, w0 = head_logits(x_rows, w_rows, row_ok, cls_ok, HEADS, head, K_ALIGN, BLOCK_M, BLOCK_N, BLOCK_K,
                                      PRECISION)
             d = add_dim_grad(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), acc, tl.load(HEADS + 3 * head + 2), cls,
-                             cls_ok, row_ok, target, LSE, COEF, stats, BIAS, DB, stride_bias, smoothing, n_classes,
-                             SHARED, HAS_BIAS)
+                             cls_ok, class_offset, row_ok, target, LSE, COEF, stats, BIAS, DB, stride_bias, smoothing,
+                             total_classes, SHARED, HAS_BIAS)
             for k in range(0, m, BLOCK_K):
                 xt, wt, col_ok = head_tiles(x_rows, w_rows, row_ok, cls_ok, k, m, w0, kk)
                 add_tile_grads(d, xt, wt, dx_rows + (k + kk)[None, :], dw_rows + (w0 + k + kk)[None, :],
                                row_ok[:, None] & col_ok[None, :], cls_ok[:, None] & col_ok[None, :], PRECISION)
 
 
+# fp32 bytes of the dW accumulator: classes are launched in chunks of about this much (whole class tiles), each
+# chunk's accumulator cast into dW as it finishes, so a vocab-sized head never holds a whole fp32 copy of dW
+# (C=128,256 x D=2048 would be 1 GB next to the 0.5 GB bf16 result).
+DW_CHUNK_BYTES = 64 << 20
+
+
+def class_chunk(n_classes: int, width: int, block_n: int) -> int:
+    """Classes per launch: whole BLOCK_N tiles within DW_CHUNK_BYTES of fp32 dW rows (at least one tile)."""
+    per_tile = block_n * width * 4
+    return min(n_classes, max(1, DW_CHUNK_BYTES // per_tile) * block_n)
+
+
 def nested_ce_backward_triton(grad_losses, x, w, bias, target, lse, dims, shared, ignore_index, label_smoothing):
-    """(dx, dw, db) for the per-row losses' upstream gradient [N, len(dims)]; db is empty without bias."""
+    """(dx, dw, db) for the per-row losses' upstream gradient [N, len(dims)]; db is empty without bias.
+    dx and db accumulate in fp32 over every class chunk; dw in fp32 one chunk at a time (DW_CHUNK_BYTES)."""
     x, w = x.contiguous(), w.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     n_rows, n_classes = x.shape[0], w.shape[0]
     cfg = launch_config(x.dtype, backward=True)
     plan = chunk_plan(dims, shared, cfg["BLOCK_K"], x.device)
     coef = (grad_losses.float() * (target != ignore_index)[:, None]).contiguous()
+    lse = lse.contiguous()
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device)
+    dw = torch.empty_like(w)
     db = torch.zeros(bias.shape, dtype=torch.float32, device=x.device) if bias is not None else x.new_empty(0)
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), triton.cdiv(n_classes, cfg["BLOCK_N"]))
-    nested_ce_backward_kernel[grid](
-        x, w, bias if bias is not None else w, target, lse.contiguous(), coef, dx, dw, db if bias is not None else dw,
-        plan.chunks, plan.fold_at, plan.heads, n_rows, n_classes, len(dims), plan.chunks.shape[0], plan.k_start,
-        plan.k_end, x.stride(0), w.stride(0), bias.stride(0) if bias is not None else 0, float(label_smoothing),
-        SHARED=shared, HAS_BIAS=bias is not None, K_ALIGN=plan.k_align, **cfg)
-    return dx.to(x.dtype), dw.to(w.dtype), db.to(bias.dtype) if bias is not None else db
+    chunk = class_chunk(n_classes, w.shape[1], cfg["BLOCK_N"])
+    dw_acc = torch.empty((chunk, w.shape[1]), dtype=torch.float32, device=x.device)
+    for c0 in range(0, n_classes, chunk):
+        c1 = min(n_classes, c0 + chunk)
+        acc = dw_acc[:c1 - c0].zero_()
+        w_c = w[c0:c1]
+        grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), triton.cdiv(c1 - c0, cfg["BLOCK_N"]))
+        nested_ce_backward_kernel[grid](
+            x, w_c, bias[:, c0:c1] if bias is not None else w_c, target, lse, coef, dx, acc,
+            db[:, c0:c1] if bias is not None else acc, plan.chunks, plan.fold_at, plan.heads, n_rows, c1 - c0, c0,
+            n_classes, len(dims), plan.chunks.shape[0], plan.k_start, plan.k_end, x.stride(0), w.stride(0),
+            bias.stride(0) if bias is not None else 0, float(label_smoothing),
+            SHARED=shared, HAS_BIAS=bias is not None, K_ALIGN=plan.k_align, **cfg)
+        dw[c0:c1] = acc
+    return dx.to(x.dtype), dw, db.to(bias.dtype) if bias is not None else db
 
 
 def aot_specs():
     for label, dtype, constexprs, options in aot_launches(backward=True):
         signature = {"X": pointer(dtype), "W": pointer(dtype), "BIAS": pointer(dtype), "TARGET": "*i64",
                      "LSE": "*fp32", "COEF": "*fp32", "DX": "*fp32", "DW": "*fp32", "DB": "*fp32", "CHUNKS": "*i32",
-                     "FOLD_AT": "*i32", "HEADS": "*i32", "n_rows": "i32", "n_classes": "i32", "n_dims": "i32",
+                     "FOLD_AT": "*i32", "HEADS": "*i32", "n_rows": "i32", "n_classes": "i32", "class_offset": "i32",
+                     "total_classes": "i32", "n_dims": "i32",
                      "n_chunks": "i32", "k_start": "i32", "k_end": "i32", "stride_x": "i32", "stride_w": "i32",
                      "stride_bias": "i32", "smoothing": "fp32"}
         signature.update({name: "constexpr" for name in constexprs})
