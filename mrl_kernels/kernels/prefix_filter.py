@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .aot import pointer, split_launch_options
 from .indexing import row_offsets
-from .prefix_topk import EMPTY_HI, NAN_HI, database_splits, decode, launch_config, score_keys, tile_scores
+from .prefix_topk import EMPTY_HI, NAN_HI, decode, launch_config, score_keys, split_rows, tile_scores
 
 CAPACITY_PER_K = 4  # list capacity per query in units of k: typically the keys above tau number about k
 
@@ -78,21 +78,13 @@ def filter_kernel(
             tl.store(out + capacity + slot, keys, mask=tie & (slot < n_ties))
 
 
-def _grid(queries, database, cfg):
-    """(grid, rows per split): whole tiles per split, so every split but the last is full and none is empty."""
-    n_q, n = queries.shape[0], database.shape[0]
-    splits = database_splits(n_q, n, cfg["BLOCK_M"], cfg["BLOCK_N"], queries.device)
-    per_split = triton.cdiv(triton.cdiv(n, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    return (triton.cdiv(n_q, cfg["BLOCK_M"]), triton.cdiv(n, per_split)), per_split
-
-
 def _filter(queries, database, tau, k, dim, metric, cfg, capacity):
     """(int64 keys [Q, capacity + k] padded with the empty key, int32 counts [Q, 2]) for thresholds tau."""
     constexprs, options = split_launch_options(cfg)
     keys = torch.full((queries.shape[0], capacity + k), EMPTY_HI.value << 32, dtype=torch.int64,
                       device=queries.device)
     count = torch.zeros((queries.shape[0], 2), dtype=torch.int32, device=queries.device)
-    grid, per_split = _grid(queries, database, cfg)
+    grid, per_split = split_rows(queries.shape[0], database.shape[0], cfg, queries.device)
     filter_kernel[grid](queries, database, tau, keys, count, queries.shape[0], database.shape[0], dim, per_split,
                         queries.stride(0), database.stride(0), keys.stride(0), capacity, k, METRIC=metric,
                         **constexprs, **options)
@@ -128,7 +120,7 @@ def filtered_topk(queries: torch.Tensor, database: torch.Tensor, k: int, dim: in
     for q0 in range(0, n_q, q_batch):
         q = queries[q0:q0 + q_batch]
         tile_max = torch.empty((q.shape[0], n_tiles), dtype=torch.int32, device=queries.device)
-        grid, per_split = _grid(q, database, cfg)
+        grid, per_split = split_rows(q.shape[0], n, cfg, queries.device)
         tile_max_kernel[grid](q, database, tile_max, q.shape[0], n, dim, per_split, q.stride(0), database.stride(0),
                               tile_max.stride(0), METRIC=metric, **constexprs, **options)
         tau = torch.topk(tile_max, k, dim=1).values[:, -1].contiguous()

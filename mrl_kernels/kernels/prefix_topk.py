@@ -196,6 +196,14 @@ def database_splits(n_queries: int, n_rows: int, block_m: int, block_n: int, dev
     return max(1, min(triton.cdiv(2 * sms, triton.cdiv(n_queries, block_m)), tiles))
 
 
+def split_rows(n_queries: int, n_rows: int, cfg: dict, device: torch.device, splits: int | None = None):
+    """(grid, rows per split) of a (query blocks, database splits) launch: whole BLOCK_N tiles per split, so
+    every split but the last is full and none is empty. `splits` overrides database_splits' choice."""
+    splits = splits or database_splits(n_queries, n_rows, cfg["BLOCK_M"], cfg["BLOCK_N"], device)
+    per_split = triton.cdiv(triton.cdiv(n_rows, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    return (triton.cdiv(n_queries, cfg["BLOCK_M"]), triton.cdiv(n_rows, per_split)), per_split
+
+
 def decode(keys: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 scores, int64 ids) from the kernel's keys."""
     hi = (keys >> 32).to(torch.int32)
@@ -256,10 +264,7 @@ def prefix_topk_triton(queries: torch.Tensor, database: torch.Tensor, k: int, di
             return filtered_topk(queries, database, k, dim, metric)
         return _chunked_topk(queries, database, k, dim, metric, chunk_elems)
     cfg = launch_config(queries.dtype, dim, ks)
-    splits = splits or database_splits(n_q, n, cfg["BLOCK_M"], cfg["BLOCK_N"], queries.device)
-    # Whole tiles per split, so every split but the last is full and none is empty.
-    per_split = triton.cdiv(triton.cdiv(n, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    splits = triton.cdiv(n, per_split)
+    (_, splits), per_split = split_rows(n_q, n, cfg, queries.device, splits)
     keys = torch.empty((n_q, splits * ks), dtype=torch.int64, device=queries.device)  # every element written
     _launch(queries, database, keys, dim, metric, cfg, True, per_split, splits)
     return decode(torch.topk(keys, k, dim=1).values, metric)

@@ -83,6 +83,32 @@ def _unorient(s: Tensor, metric: str) -> Tensor:
     return 0.0 - s if metric == "l2" else s  # 0 - s: no -0.0
 
 
+def _prepared_queries(queries: Tensor, dim: int, acc: torch.dtype, metric: str) -> tuple[Tensor, Tensor | None]:
+    """(queries' prefix in the score dtype, unit length for cosine; their squared norms [Q, 1] for l2, else
+    None). A view where nothing needs changing, else one copy of the query prefix."""
+    q = queries[:, :dim].to(acc)
+    if metric == "cosine":
+        q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True).clamp_min(_EPS)
+    return q, q.square().sum(1, keepdim=True) if metric == "l2" else None
+
+
+def _orient_(s: Tensor, metric: str, q_sq: Tensor | None, x_scale: Tensor | None) -> Tensor:
+    """Turns inner products s into larger-is-better scores in place: divided by the rows' norms x_scale for
+    cosine, minus the squared distance for l2 (x_scale: the rows' squared norms)."""
+    if metric == "cosine":
+        s.div_(x_scale)
+    elif metric == "l2":
+        s.mul_(2).sub_(q_sq).sub_(x_scale).clamp_max_(0)
+    return s
+
+
+def _row_scale(x: Tensor, metric: str, dim: int) -> Tensor | None:
+    """What _orient_ needs of the database rows x (along `dim`): norms for cosine, squared norms for l2."""
+    if metric == "cosine":
+        return torch.linalg.vector_norm(x, dim=dim).clamp_min(_EPS)
+    return x.square().sum(dim) if metric == "l2" else None
+
+
 def _merge(best: tuple[Tensor, Tensor] | None, s: Tensor, i: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The best k of the running best (None before the first chunk) and a chunk's candidates."""
     if best is not None:
@@ -102,7 +128,8 @@ def prefix_topk_torch(queries: Tensor, database: Tensor, k: int, dim: int, metri
     batches: each chunk (unless the prefix is already contiguous in the score dtype) is gathered into a
     reused contiguous buffer (upcast for 16-bit storage) and scored against every query batch into a
     reused score buffer (a fresh multi-MB allocation per step costs the CPU more in page faults than the
-    matmul itself)."""
+    matmul itself). Queries are cast / normalised once (a copy of their prefix for cosine or 16-bit
+    queries)."""
     acc = acc_dtype(database.dtype)
     n_q, n = queries.shape[0], database.shape[0]
     qb, nc = blocks(n_q, n, dim, k, torch.finfo(acc).bits // 8, cpu=queries.device.type == "cpu")
@@ -110,24 +137,17 @@ def prefix_topk_torch(queries: Tensor, database: Tensor, k: int, dim: int, metri
     in_place = prefix.is_contiguous() and prefix.dtype == acc  # chunks are used as they are
     chunk_buf = None if in_place else torch.empty((min(nc, n), dim), dtype=acc, device=queries.device)
     score_buf = torch.empty(min(qb, n_q) * min(nc, n), dtype=acc, device=queries.device)
+    queries, q_sq = _prepared_queries(queries, dim, acc, metric)  # once, not once per chunk
     best = {}  # first query of a batch -> its running best (scores, ids)
     for r0 in range(0, n, nc):
         chunk = prefix[r0:r0 + nc]
         x = chunk if in_place else chunk_buf[:chunk.shape[0]].copy_(chunk)
-        if metric == "cosine":
-            x_scale = torch.linalg.vector_norm(x, dim=1).clamp_min(_EPS)
-        elif metric == "l2":
-            x_scale = x.square().sum(1)
+        x_scale = _row_scale(x, metric, 1)
         kc = min(k, x.shape[0])
         for q0 in range(0, n_q, qb):
-            q = queries[q0:q0 + qb, :dim].to(acc)
-            if metric == "cosine":
-                q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True).clamp_min(_EPS)
+            q = queries[q0:q0 + qb]
             s = torch.mm(q, x.T, out=score_buf[:q.shape[0] * x.shape[0]].view(q.shape[0], x.shape[0]))
-            if metric == "cosine":
-                s.div_(x_scale)
-            elif metric == "l2":  # minus the squared distance
-                s.mul_(2).sub_(q.square().sum(1, keepdim=True)).sub_(x_scale).clamp_max_(0)
+            _orient_(s, metric, None if q_sq is None else q_sq[q0:q0 + qb], x_scale)
             if kc >= GROUPED_K and x.shape[0] >= GROUPED_ROWS_PER_K * kc:
                 top_s, pos = grouped_topk(s, kc)
             else:
@@ -161,16 +181,11 @@ def rerank_torch(queries: Tensor, database: Tensor, candidates: Tensor, k: int, 
     out_i = torch.empty((n_q, k), dtype=torch.int64, device=queries.device)
     for q0 in range(0, n_q, qb):
         cand = candidates[q0:q0 + qb]
-        q = queries[q0:q0 + qb, :dim].to(acc)
+        q, q_sq = _prepared_queries(queries[q0:q0 + qb], dim, acc, metric)
         x = torch.index_select(prefix, 0, cand.reshape(-1), out=rows_buf[:cand.numel()])
         x = x.view(cand.shape[0], n_cand, dim).to(acc)  # [qb, S, dim]; a copy only for 16-bit storage
-        if metric == "cosine":
-            q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True).clamp_min(_EPS)
         s = torch.linalg.vecdot(x, q[:, None, :]) if cpu else torch.bmm(x, q.unsqueeze(2)).squeeze(2)  # [qb, S]
-        if metric == "cosine":
-            s.div_(torch.linalg.vector_norm(x, dim=2).clamp_min(_EPS))
-        elif metric == "l2":  # minus the squared distance, as in prefix_topk_torch
-            s.mul_(2).sub_(q.square().sum(1, keepdim=True)).sub_(x.square().sum(2)).clamp_max_(0)
+        _orient_(s, metric, q_sq, _row_scale(x, metric, 2))
         best, pos = torch.topk(s, k, dim=1, sorted=True)
         out_s[q0:q0 + qb], out_i[q0:q0 + qb] = _unorient(best, metric), cand.gather(1, pos)
     return out_s, out_i
