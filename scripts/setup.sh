@@ -1,19 +1,34 @@
 #!/usr/bin/env bash
 # Installs mrl-kernels (editable) and what it needs into the current python (or $PYTHON).
 #   bash scripts/setup.sh          the library and the demo's needs
-#   bash scripts/setup.sh test     ... plus the test and benchmark tools
+#   bash scripts/setup.sh test     ... plus the test and benchmark tools, at the known-good versions of
+#                                  constraints/test.txt (triton 3.6 among them), so a test run is reproducible
 # Without an NVIDIA GPU, torch is pinned to the CPU build first: an unpinned `torch` requirement would
-# pull a CUDA build of several GB that this machine cannot use.
+# pull a CUDA build of several GB that this machine cannot use. A torch that is already there is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+py=${PYTHON:-python}
+pip=("$py" -m pip install --quiet --disable-pip-version-check)
 extras=demo
-[ "${1:-}" = test ] && extras=demo,test,bench
-pip=("${PYTHON:-python}" -m pip install --quiet --disable-pip-version-check)
-if ! "${PYTHON:-python}" -c "import torch" 2>/dev/null; then
+constraints=()
+if [ "${1:-}" = test ]; then
+    extras=demo,test,bench
+    constraints=(-c constraints/test.txt)
+fi
+if ! "$py" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
         "${pip[@]}" "torch>=2.4"
     else
         "${pip[@]}" "torch==2.13.0"
     fi
 fi
-"${pip[@]}" -e ".[$extras]"
+# A CUDA build of torch requires the one triton it was built with; a second pin would make pip give up.
+if ((${#constraints[@]})) && "$py" - <<'PY'
+import importlib.metadata as md, sys
+sys.exit(0 if any(r.startswith("triton") for r in md.requires("torch") or []) else 1)
+PY
+then
+    grep -v '^triton==' constraints/test.txt > "${TMPDIR:-/tmp}/mrl-kernels-constraints.txt"
+    constraints=(-c "${TMPDIR:-/tmp}/mrl-kernels-constraints.txt")
+fi
+"${pip[@]}" "${constraints[@]}" -e ".[$extras]"

@@ -10,6 +10,8 @@ import pytest
 
 from mrl_kernels.kernels import aot
 
+pytestmark = pytest.mark.aot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,6 +31,7 @@ def test_every_kernel_compiles(reports):
     assert len(reports) == len(labels) * len(aot.ARCHS) and labels
     for r in reports:
         assert r["error"] is None, f"{r['label']} sm_{r['arch']}: {r['error']}"
+        assert r["registers"] is not None and r["spill_bytes"] is not None, f"{r['label']}: no ptxas report"
         print(f"{r['label']} sm_{r['arch']}: shared={r['shared']} B registers={r['registers']} "
               f"spill stores={r['spill_bytes']} B")
         assert r["fits"], f"{r['label']}: {r['shared']} B shared memory over sm_{r['arch']}'s limit"
@@ -38,3 +41,11 @@ def test_every_kernel_compiles(reports):
 def test_ordered_atomics_are_detected():
     assert aot.ordered_atomics("@%p1 atom.global.gpu.acq_rel.add.v4.f32 {%r1}, [%rd2], {%r3};") == 1
     assert aot.ordered_atomics("red.global.gpu.relaxed.add.f32 [%rd2], %r3;\natom.global.add.f32 %r1, [%rd2], %r3;") == 0
+
+
+def test_ptxas_log_is_parsed():
+    log = ("ptxas info    : Used 168 registers, used 1 barriers, 344 bytes smem, 400 bytes cmem[0]\n"
+           "ptxas info    : Function properties for k\n    24 bytes stack frame, 380 bytes spill stores, "
+           "412 bytes spill loads\n")
+    assert aot.ptxas_usage(log) == (168, 380)
+    assert aot.ptxas_usage("") == (None, None)

@@ -2,7 +2,7 @@
 
 The interpreter runs kernels on the CPU but accepts code the compiler rejects, so every kernel is
 also compiled for the architectures the library supports, at the exact configs it launches, and
-checked for shared memory over the chip's limit. ptxas (shipped in the triton wheel) reports
+checked for shared memory over the chip's limit. The log of the ptxas run inside triton.compile reports
 registers and spills.
 
 Compiling needs real (not interpreted) kernels, so under TRITON_INTERPRET=1 the tests run
@@ -11,13 +11,13 @@ kernel module's `aot_specs()` and prints one JSON line per (spec, arch).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import os
 import re
 import sys
-import subprocess
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
@@ -75,9 +75,9 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs,
                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     target = GPUTarget("cuda", arch, 32)
-    compiled = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled, log = compile_with_ptxas_log(src, target, {"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
-    registers, spills = ptxas_usage(ptx, arch)
+    registers, spills = ptxas_usage(log)
     return CompileReport(fn.__name__, arch, compiled.metadata.shared, registers, spills, ordered_atomics(ptx), ptx)
 
 
@@ -88,27 +88,31 @@ def ordered_atomics(ptx: str) -> int:
     return len(re.findall(r"\b(?:atom|red)\.[\w.]*\b(?:acq_rel|acquire|release|sc)\b", ptx))
 
 
-def _ptxas() -> str | None:
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return path if os.access(path, os.X_OK) else None
-
-
-def ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
-    """(registers, spill store bytes) from `ptxas -v`, or (None, None) where ptxas is missing."""
-    ptxas = _ptxas()
-    if ptxas is None:
-        return None, None
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")],
-                              capture_output=True, text=True, check=True)
-    report = proc.stdout + proc.stderr
-    regs = re.search(r"Used (\d+) registers", report)
-    spills = re.search(r"(\d+) bytes spill stores", report)
+def ptxas_usage(log: str) -> tuple[int | None, int | None]:
+    """(registers, spill store bytes) from a `ptxas -v` log, or (None, None) where the log has no such line."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
     return (int(regs.group(1)) if regs else None, int(spills.group(1)) if spills else None)
+
+
+def compile_with_ptxas_log(src, target, options):
+    """triton.compile, plus the `ptxas -v` log of the very ptxas run that built the cubin. Triton picks the
+    ptxas (its bundled one, a newer one for some archs in some versions, or TRITON_PTXAS_PATH) and its flags
+    per version; running a ptxas of our own on the PTX could use another version (one too old for the PTX,
+    as Triton 3.9's bundled CUDA 12.9 ptxas is for its sm_90 PTX) or other flags, and report another kernel.
+    Triton prints the log when `knobs.nvidia.dump_ptxas_log` is set (Triton >= 3.5), and only when it runs
+    ptxas, hence always_compile (a cache hit would skip ptxas)."""
+    from triton import knobs
+
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    log = io.StringIO()
+    try:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=target, options=options)
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    return compiled, log.getvalue()
 
 
 # Kernel modules whose aot_specs() are compiled; each yields (label, fn, signature, constexprs, options) where

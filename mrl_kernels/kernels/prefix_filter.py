@@ -36,12 +36,13 @@ def tile_max_kernel(
     q_ptrs = Q + row_offsets(qrows, stride_q)[:, None]
     out = OUT + row_offsets(qrows, stride_out)
     first = tl.program_id(1) * rows_per_split
-    for n0 in range(0, rows_per_split, BLOCK_N):
+    # Only tiles that hold a row: the last split may reach past n_rows (no padding tiles are scored or stored).
+    for n0 in range(0, tl.minimum(rows_per_split, n_rows - first), BLOCK_N):
         xrows = first + n0 + tl.arange(0, BLOCK_N)
         x_ok = xrows < n_rows
         s = tile_scores(q_ptrs, q_ok, X, xrows, x_ok, dim, stride_x, METRIC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         tile_max = tl.max(score_keys(s, x_ok), axis=1)
-        tl.store(out + (first + n0) // BLOCK_N, tile_max, mask=q_ok & (first + n0 < n_rows))  # no padding tiles
+        tl.store(out + (first + n0) // BLOCK_N, tile_max, mask=q_ok)
 
 
 @triton.jit
@@ -58,7 +59,7 @@ def filter_kernel(
     out = OUT + row_offsets(qrows, stride_out)[:, None]
     tau = tl.load(TAU + qrows, mask=q_ok, other=NAN_HI)[:, None]
     first = tl.program_id(1) * rows_per_split
-    for n0 in range(0, rows_per_split, BLOCK_N):
+    for n0 in range(0, tl.minimum(rows_per_split, n_rows - first), BLOCK_N):  # tiles that hold a row
         xrows = first + n0 + tl.arange(0, BLOCK_N)
         x_ok = xrows < n_rows
         s = tile_scores(q_ptrs, q_ok, X, xrows, x_ok, dim, stride_x, METRIC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
