@@ -49,3 +49,12 @@ def test_ptxas_log_is_parsed():
            "412 bytes spill loads\n")
     assert aot.ptxas_usage(log) == (168, 380)
     assert aot.ptxas_usage("") == (None, None)
+
+
+def test_launchers_do_not_import_the_compiler_module():
+    """Running a kernel needs none of the AOT machinery (it imports triton.compiler internals)."""
+    code = ("import sys, mrl_kernels.kernels.prefix_topk, mrl_kernels.kernels.prefix_filter, "
+            "mrl_kernels.kernels.prefix_norms, mrl_kernels.kernels.nested_ce_forward, "
+            "mrl_kernels.kernels.nested_ce_backward; assert 'mrl_kernels.kernels.aot' not in sys.modules")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, timeout=300)

@@ -7,7 +7,8 @@ import torch
 import triton
 
 from mrl_kernels.kernels.prefix_filter import filter_config, filtered_topk
-from mrl_kernels.kernels.prefix_topk import _launch, decode, launch_config, prefix_topk_triton
+from mrl_kernels.kernels.prefix_scores import decode, launch_config
+from mrl_kernels.kernels.prefix_topk import _launch, prefix_topk_triton
 
 TOL = 1e-5  # fp32 accumulation of exact products (16-bit inputs are compared on their rounded values)
 
@@ -237,14 +238,14 @@ def test_filter_nan_rows_surface_first(kernel_device, metric):
 def test_large_k_dispatch(kernel_device, monkeypatch):
     """prefix_topk_triton takes the filter for k > KS_MAX where the database has k tiles, else the chunked
     scores; both exact."""
-    from mrl_kernels.kernels import prefix_filter, prefix_topk
+    from mrl_kernels.kernels import prefix_topk
 
     taken = []
     monkeypatch.setattr(prefix_topk, "KS_MAX", 8)
     monkeypatch.setattr(prefix_topk, "_chunked_topk",
                         lambda *a, _f=prefix_topk._chunked_topk: taken.append("chunked") or _f(*a))
-    monkeypatch.setattr(prefix_filter, "filtered_topk",
-                        lambda *a, _f=prefix_filter.filtered_topk: taken.append("filter") or _f(*a))
+    monkeypatch.setattr(prefix_topk, "filtered_topk",
+                        lambda *a, _f=prefix_topk.filtered_topk: taken.append("filter") or _f(*a))
     torch.manual_seed(8)
     tile = filter_config(torch.float32, 16)["BLOCK_N"]
     for n, path in ((19 * tile + 1, "filter"), (19 * tile, "chunked")):  # 20 tiles (the last of one row), 19

@@ -25,6 +25,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .launch import split_launch_options  # noqa: F401  (kernel modules' aot_specs use it from here)
+
 # Opt-in shared memory per block: A100 (sm_80) 163 KB, H100/H200 (sm_90) 227 KB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 ARCHS = tuple(SHARED_LIMIT)
@@ -50,12 +52,6 @@ class CompileReport:
 
 def pointer(dtype: torch.dtype) -> str:
     return "*" + TRITON_TYPE[dtype]
-
-
-def split_launch_options(cfg: dict) -> tuple[dict, dict]:
-    """A launcher's config split into (constexprs, launch options num_warps / num_stages)."""
-    options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
-    return {k: v for k, v in cfg.items() if k not in options}, options
 
 
 # Integer arguments that a launch passes as multiples of 16 in the usual shapes (row strides of 2048-wide

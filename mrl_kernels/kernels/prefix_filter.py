@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import pointer, split_launch_options
 from .indexing import row_offsets
-from .prefix_topk import EMPTY_HI, NAN_HI, decode, launch_config, score_keys, split_rows, tile_scores
+from .launch import split_launch_options
+from .prefix_scores import EMPTY_HI, NAN_HI, decode, launch_config, score_keys, split_rows, tile_scores
 
 CAPACITY_PER_K = 4  # list capacity per query in units of k: typically the keys above tau number about k
 
@@ -151,6 +151,8 @@ def _check_count(count, k):
 
 
 def aot_specs():
+    from .aot import pointer  # the compiler module: imported by the AOT check only, not by a launch
+
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for metric, dim in (("ip", 16), ("cosine", 64), ("l2", 16)):
             constexprs, options = split_launch_options(filter_config(dtype, dim))
