@@ -3,7 +3,7 @@
 Public API: the losses for every nesting dim in one call, prefix norms and truncated-dim search.
 `mrl_kernels.reference` holds the eager PyTorch definitions they are tested against.
 """
-from . import reference
+from . import datasets, reference
 from .ops import (adaptive_search, funnel_search, matryoshka_contrastive_loss, matryoshka_linear_cross_entropy,
                   prefix_norms, prefix_topk, rerank)
 from . import nn
@@ -15,6 +15,7 @@ __all__ = [
     "__version__",
     "MatryoshkaIndex",
     "adaptive_search",
+    "datasets",
     "funnel_search",
     "matryoshka_contrastive_loss",
     "matryoshka_linear_cross_entropy",

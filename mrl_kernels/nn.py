@@ -212,15 +212,18 @@ class MatryoshkaLinearCrossEntropy(nn.Module):
     keys are the official ``MRL_Linear_Layer`` keys under the prefix ``head.``
     (``head.nesting_classifier_0.weight``, ...). ``load_mrl_linear_state_dict`` loads a state dict saved
     from the paper's ``MRL_Linear_Layer`` (or from a :class:`MatryoshkaLinear`); ``self.head`` itself is
-    the drop-in layer, returning the tuple of logits. ``shared=True`` (default) is the paper's MRL-E head.
+    the drop-in layer, returning the tuple of logits. ``shared`` (alias ``efficient``) chooses the head as in
+    :class:`MatryoshkaLinear`, with the same default: per-dim heads (the paper's MRL, the official layer's
+    ``efficient=False``); ``shared=True`` is the paper's MRL-E head.
 
     ``dim_weights``, ``ignore_index``, ``label_smoothing``, ``reduction`` and ``backend`` are those of
-    the fused op, fixed at construction. ``features`` are ``[N, in_features]``; features past
-    ``max(dims)`` are ignored.
+    the fused op, fixed at construction. ``features`` are ``[..., in_features]`` with ``target`` of the
+    leading shape ``[...]`` (flattened into rows; ``reduction="none"`` gives the per-row losses in that
+    leading shape); features past ``max(dims)`` are ignored.
 
     Example::
 
-        >>> mrl = MatryoshkaLinearCrossEntropy(2048, 1000, dims=(8, 16, 32, 2048), label_smoothing=0.1)
+        >>> mrl = MatryoshkaLinearCrossEntropy(2048, 1000, dims=(8, 16, 32, 2048), shared=True, label_smoothing=0.1)
         >>> features, target = torch.randn(4, 2048), torch.randint(0, 1000, (4,))
         >>> loss = mrl(features, target)                  # fused; same value as the tuple-of-logits path
         >>> loss.backward()
@@ -228,12 +231,12 @@ class MatryoshkaLinearCrossEntropy(nn.Module):
         >>> mrl.load_mrl_linear_state_dict(official_layer.state_dict())   # an MRL_Linear_Layer(..., efficient=True)
     """
 
-    def __init__(self, in_features: int, num_classes: int, dims: Sequence[int], shared: bool = True,
+    def __init__(self, in_features: int, num_classes: int, dims: Sequence[int], shared: bool | None = None,
                  bias: bool = True, dim_weights: Sequence[float] | None = None, ignore_index: int = -100,
                  label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto",
-                 device=None, dtype=None):
+                 efficient: bool | None = None, device=None, dtype=None):
         super().__init__()
-        self.head = MatryoshkaLinear(in_features, num_classes, dims, shared=shared, bias=bias,
+        self.head = MatryoshkaLinear(in_features, num_classes, dims, shared=shared, bias=bias, efficient=efficient,
                                      device=device, dtype=dtype)
         self.dim_weights = None if dim_weights is None else check_dim_weights(dim_weights, len(self.head.dims))
         self.ignore_index = check_int(ignore_index, "ignore_index", -(2**63))
@@ -263,21 +266,37 @@ class MatryoshkaLinearCrossEntropy(nn.Module):
         ``prefix="fc."`` for a whole ResNet-50 whose ``fc`` was the MRL layer (other keys are skipped)."""
         if prefix:
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        expected = set(self.head.state_dict())
+        if not expected & set(state_dict):
+            raise ValueError(f"state_dict has none of the head's keys {sorted(expected)} under prefix={prefix!r}"
+                             f"{_prefix_hint(state_dict, expected)}")
         return self.head.load_state_dict(state_dict, strict=strict)
 
     def forward(self, features: Tensor, target: Tensor, return_per_dim: bool = False):
         """The fused loss (and, with ``return_per_dim=True``, the detached per-dim losses)."""
         weight, bias = self.head.weight_and_bias()
-        if isinstance(features, Tensor) and features.dim() == 2:  # anything else: the op says what is wrong
-            if features.shape[1] != self.in_features:
-                raise ValueError(f"features must be [N, {self.in_features}] (in_features), "
+        lead = None
+        if isinstance(features, Tensor) and features.dim() >= 1:  # anything else: the op says what is wrong
+            if features.shape[-1] != self.in_features:
+                raise ValueError(f"features must be [..., {self.in_features}] (in_features), "
                                  f"got {tuple(features.shape)}")
+            if features.dim() != 2:
+                lead = features.shape[:-1]
+                if not isinstance(target, Tensor) or target.shape != lead:
+                    got = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
+                    raise ValueError(f"target must have the leading shape of features {tuple(lead)}, got {got}")
+                features, target = features.reshape(-1, self.in_features), target.reshape(-1)
             if self.shared and self.in_features > self.head.max_dim:
                 features = features[:, :self.head.max_dim]  # the shared weight is [C, max(dims)]: a view
-        return matryoshka_linear_cross_entropy(
+        out = matryoshka_linear_cross_entropy(
             features, weight, target, self.dims, bias=bias, dim_weights=self.dim_weights,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, reduction=self.reduction,
             return_per_dim=return_per_dim, backend=self.backend)
+        if lead is None or self.reduction != "none":
+            return out
+        if return_per_dim:
+            return out[0].reshape(lead), out[1].reshape(*lead, len(self.dims))
+        return out.reshape(lead)
 
     def logits(self, features: Tensor, dim: int | None = None) -> Tensor:
         """Logits at one dim for inference (default: the largest). ``dim`` must be one of ``dims`` for
@@ -288,3 +307,12 @@ class MatryoshkaLinearCrossEntropy(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim_weights={self.dim_weights}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+def _prefix_hint(state_dict, expected) -> str:
+    """Where the head's keys sit in `state_dict` under some prefix, the prefix to pass."""
+    for key in state_dict:
+        for name in expected:
+            if key.endswith("." + name):
+                return f"; they are under prefix={key[:-len(name)]!r} (e.g. {key!r}): pass that prefix"
+    return ""

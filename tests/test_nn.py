@@ -212,7 +212,7 @@ def test_logits_at_one_dim(shared):
 def test_load_mrl_linear_state_dict_with_prefix():
     official = randomize_(MRL_Linear_Layer([3, 17, 70], C, efficient=True))
     checkpoint = {"conv1.weight": torch.zeros(3), **{f"fc.{k}": v for k, v in official.state_dict().items()}}
-    module = MatryoshkaLinearCrossEntropy(D, C, (3, 17, 70))
+    module = MatryoshkaLinearCrossEntropy(D, C, (3, 17, 70), shared=True)
     module.load_mrl_linear_state_dict(checkpoint, prefix="fc.")
     assert set(module.state_dict()) == {"head.nesting_classifier_0.weight", "head.nesting_classifier_0.bias"}
     x, _ = inputs(dtype=torch.float32)
@@ -263,7 +263,7 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="backend must be one of"):
         MatryoshkaLinearCrossEntropy(D, C, (3, 70), backend="cutlass")
     module = MatryoshkaLinearCrossEntropy(D, C, (3, 70), dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"features must be \[N, 70\]"):
+    with pytest.raises(ValueError, match=r"features must be \[\.\.\., 70\]"):
         module(x[:, :69], t)
     with pytest.raises(ValueError, match="target has entry"):
         module(x, torch.full((N,), C))
@@ -289,3 +289,41 @@ def test_triton_backend(shared, kernel_device):
     assert out.dtype == torch.float32 and rel_error(out, ref) < 1e-5
     for g, r in zip(grads, ref_grads):
         assert g.shape == r.shape and rel_error(g, r) < 2e-5
+
+
+def test_shared_defaults_to_per_dim_heads_everywhere():
+    """One rule for `shared`: per-dim heads (the paper's MRL; the official layer's efficient=False) unless asked."""
+    assert not MatryoshkaLinear(D, C, (3, 70)).shared
+    assert not MatryoshkaLinearCrossEntropy(D, C, (3, 70)).shared
+    assert MatryoshkaLinearCrossEntropy(D, C, (3, 70), efficient=True).shared
+    with pytest.raises(ValueError, match="efficient is an alias of shared"):
+        MatryoshkaLinearCrossEntropy(D, C, (3, 70), shared=False, efficient=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_takes_leading_dims(reduction):
+    """[..., D] features with [...] targets, as MatryoshkaLinear takes them: the same as the flattened rows."""
+    module = randomize_(MatryoshkaLinearCrossEntropy(D, C, (17, 3, 70), dtype=torch.float64, reduction=reduction))
+    x = torch.randn(2, 3, 5, D, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, C, (2, 3, 5))
+    loss, per_dim = module(x, t, return_per_dim=True)
+    flat, flat_per_dim = module(x.reshape(-1, D), t.reshape(-1), return_per_dim=True)
+    lead = () if reduction == "mean" else (2, 3, 5)
+    assert loss.shape == lead and per_dim.shape == (*lead, 3) or reduction == "mean" and per_dim.shape == (3,)
+    assert torch.allclose(loss.reshape(-1), flat.reshape(-1), rtol=1e-12, atol=0)
+    assert torch.allclose(per_dim.reshape(-1), flat_per_dim.reshape(-1), rtol=1e-12, atol=0)
+    loss.sum().backward()
+    assert x.grad.shape == x.shape
+    with pytest.raises(ValueError, match=r"target must have the leading shape of features \(2, 3, 5\)"):
+        module(x, t.reshape(-1))
+    with pytest.raises(ValueError, match=r"features must be \[\.\.\., 70\]"):
+        module(torch.randn(4, 7, dtype=torch.float64), t[0, 0, :4])
+
+
+def test_loading_own_state_dict_suggests_the_prefix():
+    module = MatryoshkaLinearCrossEntropy(D, C, (3, 17, 70), shared=True)
+    other = MatryoshkaLinearCrossEntropy(D, C, (3, 17, 70), shared=True)
+    with pytest.raises(ValueError, match=r"prefix='head\.'"):
+        other.load_mrl_linear_state_dict(module.state_dict())
+    other.load_mrl_linear_state_dict(module.state_dict(), prefix="head.")
+    assert torch.equal(other.head.nesting_classifier_0.weight, module.head.nesting_classifier_0.weight)
