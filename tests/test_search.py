@@ -1,5 +1,5 @@
 """Truncated-dimension search: the chunked torch backend against a float64 brute force, rerank /
-funnel / adaptive against their reference definitions, and every bad input rejected by name."""
+funnel / adaptive against their reference definitions. (Bad inputs: test_validation.py.)"""
 import pytest
 import torch
 
@@ -16,8 +16,10 @@ SMALL_BUDGET = 8 << 10  # bytes: several row chunks and query batches at these s
 
 @pytest.fixture
 def small_chunks(monkeypatch):
+    """The chunked path with several blocks (the direct path is off: it would take these small shapes)."""
     monkeypatch.setattr(search_torch, "SCORE_CHUNK_BYTES", SMALL_BUDGET)
     monkeypatch.setattr(search_torch, "CPU_BLOCK", SMALL_BUDGET // 4)
+    monkeypatch.setattr(search_torch, "DIRECT_BYTES", 0)
 
 
 def make_data(n_queries=Q, n_rows=N, dim=D, dtype=torch.float32, seed=0):
@@ -81,6 +83,35 @@ def test_prefix_topk_torch_single_query(small_chunks, metric, dtype):
         scores, ids = mk.prefix_topk(queries, database, k, dim=dim, metric=metric, backend="torch")
         check_against_brute_force(scores, ids, queries, database, k, dim or D, metric,
                                   tol=1e-12 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+def test_direct_path_for_small_score_matrices(monkeypatch, metric, dtype):
+    """Up to DIRECT_BYTES, prefix_topk_torch scores the whole [Q, N] matrix at once (no chunk
+    machinery): exact like the chunked path, on strided and full-width inputs, NaN rows first, and no
+    gradient to the scores."""
+    calls = []
+    chunked = search_torch._prefix_topk_chunked
+    monkeypatch.setattr(search_torch, "_prefix_topk_chunked", lambda *a: calls.append(1) or chunked(*a))
+    assert 8 * N * max(Q, D) <= search_torch.DIRECT_BYTES
+    queries, database = make_data(dtype=dtype, seed=4)
+    database[100, 2] = float("nan")
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for k, dim in ((1, 3), (7, 16), (200, None), (N, D)):
+        scores, ids = mk.prefix_topk(queries, database, k, dim=dim, metric=metric)
+        assert torch.isnan(scores[:, 0]).all() and (ids[:, 0] == 100).all()
+        clean = database.clone()
+        clean[100] = 0
+        scores, ids = mk.prefix_topk(queries, clean, k, dim=dim, metric=metric)
+        check_against_brute_force(scores, ids, queries, clean, k, dim or D, metric, tol=tol)
+        with monkeypatch.context() as m:  # the chunked path agrees
+            m.setattr(search_torch, "DIRECT_BYTES", 0)
+            want = mk.prefix_topk(queries, clean, k, dim=dim, metric=metric)
+        torch.testing.assert_close(scores, want[0], rtol=tol, atol=tol)
+    assert len(calls) == 4  # only the forced comparisons took the chunked path
+    grad = mk.prefix_topk(queries.float().requires_grad_(), database.float(), 3, metric=metric)[0]
+    assert not grad.requires_grad
 
 
 @pytest.mark.parametrize("cpu", [False, True])
@@ -161,6 +192,7 @@ def test_grouped_topk_in_the_search(monkeypatch):
     monkeypatch.setattr(search_torch, "grouped_topk", lambda *a, **kw: calls.append(1) or grouped(*a, **kw))
     monkeypatch.setattr(search_torch, "GROUPED_K", 4)
     monkeypatch.setattr(search_torch, "GROUPED_ROWS_PER_K", 64)  # 5 x 64 < N: one chunk of N rows, grouped
+    monkeypatch.setattr(search_torch, "DIRECT_BYTES", 0)  # grouping is a step of the chunked path
     queries, database = make_data()
     for metric in METRICS:
         scores, ids = mk.prefix_topk(queries, database, 5, dim=9, metric=metric, backend="torch")
@@ -179,14 +211,31 @@ def test_strided_database_view(small_chunks):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_auto_on_cpu_is_torch_and_reference_is_exact():
+@pytest.mark.parametrize("metric", METRICS)
+def test_auto_on_cpu_is_torch_and_reference_is_exact(metric):
     queries, database = make_data(n_rows=200)
-    auto = mk.prefix_topk(queries, database, 5, dim=8)
-    torch_ = mk.prefix_topk(queries, database, 5, dim=8, backend="torch")
+    auto = mk.prefix_topk(queries, database, 5, dim=8, metric=metric)
+    torch_ = mk.prefix_topk(queries, database, 5, dim=8, metric=metric, backend="torch")
     assert torch.equal(auto[0], torch_[0]) and torch.equal(auto[1], torch_[1])
-    ref = mk.prefix_topk(queries, database, 5, dim=8, backend="reference")
-    want = reference.prefix_topk(queries, database, 5, dim=8)
+    ref = mk.prefix_topk(queries, database, 5, dim=8, metric=metric, backend="reference")
+    want = reference.prefix_topk(queries, database, 5, dim=8, metric=metric)
     assert torch.equal(ref[0], want[0]) and torch.equal(ref[1], want[1])
+
+
+def test_metric_defaults_to_cosine():
+    """metric="cosine" is the default of every search op (a prefix of an MRL embedding is not unit-norm)."""
+    queries, database = make_data(n_rows=200)
+    database[:, :8] *= torch.linspace(0.1, 10, 200)[:, None]  # prefix norms that differ a lot: ip != cosine
+    cosine = mk.prefix_topk(queries, database, 5, dim=8, metric="cosine")
+    assert torch.equal(mk.prefix_topk(queries, database, 5, dim=8)[1], cosine[1])
+    assert not torch.equal(mk.prefix_topk(queries, database, 5, dim=8, metric="ip")[1], cosine[1])
+    cand = candidates_for(Q, 200, 30)
+    assert torch.equal(mk.rerank(queries, database, cand, 5, dim=8)[1],
+                       mk.rerank(queries, database, cand, 5, dim=8, metric="cosine")[1])
+    assert torch.equal(mk.adaptive_search(queries, database, 5, shortlist=50, shortlist_dim=8)[1],
+                       mk.adaptive_search(queries, database, 5, shortlist=50, shortlist_dim=8, metric="cosine")[1])
+    assert torch.equal(mk.funnel_search(queries, database, 5, (4, 8), (50,))[1],
+                       mk.funnel_search(queries, database, 5, (4, 8), (50,), metric="cosine")[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,6 +262,17 @@ def test_rerank_equals_reference(small_chunks, metric, dtype, tol):
             assert torch.equal(got_i, want_i)
         assert torch.equal(mk.rerank(queries, database, cand, k, dim=dim, metric=metric, backend="reference")[1],
                            want_i)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_rerank_takes_int32_candidates(backend):
+    """int32 candidate ids are accepted (as int32 targets are elsewhere) and give the int64 answer."""
+    queries, database = make_data(n_rows=400)
+    cand = candidates_for(Q, 400, 60)
+    want = mk.rerank(queries, database, cand, 10, dim=20, metric="l2", backend=backend)
+    got = mk.rerank(queries, database, cand.int(), 10, dim=20, metric="l2", backend=backend)
+    assert got[1].dtype == torch.int64
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_rerank_16bit_storage(small_chunks):
@@ -262,145 +322,6 @@ def test_adaptive_equals_reference(small_chunks, metric):
         assert torch.equal(ref[0], want[0]) and torch.equal(ref[1], want[1])
 
 
-# ----------------------------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------------------------
-
-VQ, VN, VD = 3, 50, 20
-
-
-def inputs(**overrides):
-    g = torch.Generator().manual_seed(2)
-    args = dict(queries=torch.randn(VQ, VD, generator=g), database=torch.randn(VN, VD, generator=g), k=5)
-    args.update(overrides)
-    return args
-
-
-COMMON = [
-    (dict(queries=torch.randn(3, VD, dtype=torch.float64)), TypeError, "database has dtype"),
-    (dict(queries=torch.randn(3, VD - 1)), ValueError, r"queries must be \[Q, 20\]"),
-    (dict(queries=torch.empty(0, VD)), ValueError, "queries is empty"),
-    (dict(database=torch.empty(0, VD)), ValueError, "database is empty"),
-    (dict(queries=torch.randn(VD)), ValueError, "queries must be 2-D"),
-    (dict(database=torch.randn(2, 3, VD)), ValueError, "database must be 2-D"),
-    (dict(queries=torch.ones(3, VD, dtype=torch.long)), TypeError, "queries must have dtype"),
-    (dict(queries=[[1.0] * VD]), TypeError, "queries must be a torch.Tensor"),
-    (dict(queries=torch.full((3, VD), float("nan"))), ValueError, "queries contains NaN"),
-    (dict(metric="dot"), ValueError, "metric must be one of"),
-    (dict(k=0), ValueError, r"k must be in \[1, "),
-    (dict(k=2.0), TypeError, "k must be an int"),
-    (dict(backend="fast"), ValueError, "backend must be one of"),
-]
-if not triton_interpreter_on():
-    COMMON.append((dict(backend="triton"), ValueError, "needs CUDA tensors"))
-
-BAD_TOPK = COMMON + [
-    (dict(k=VN + 1), ValueError, r"k must be in \[1, 50\]"),
-    (dict(dim=0), ValueError, r"dim must be in \[1, 20\]"),
-    (dict(dim=VD + 1), ValueError, r"dim must be in \[1, 20\]"),
-    (dict(dim=True), TypeError, "dim must be an int"),
-    (dict(backend="cuda"), NotImplementedError, "backend='cuda' is not implemented"),
-]
-
-
-@pytest.mark.parametrize("overrides,exc,match", BAD_TOPK, ids=[m for _, _, m in BAD_TOPK])
-def test_prefix_topk_rejects(overrides, exc, match):
-    with pytest.raises(exc, match=match):
-        mk.prefix_topk(**inputs(**overrides))
-
-
-def rerank_inputs(**overrides):
-    args = inputs(candidates=candidates_for(VQ, VN, 8))
-    args.update(overrides)
-    return args
-
-
-BAD_RERANK = [(o, e, m) for o, e, m in COMMON if o.get("backend") != "triton"] + [
-    (dict(k=9), ValueError, r"k must be in \[1, 8\]"),
-    (dict(dim=VD + 1), ValueError, r"dim must be in \[1, 20\]"),
-    (dict(candidates=torch.zeros(VQ, 8, dtype=torch.int32)), TypeError, "candidates must have dtype"),
-    (dict(candidates=torch.zeros(VQ, dtype=torch.long)), ValueError, "candidates must be 2-D"),
-    (dict(candidates=torch.zeros(VQ + 1, 8, dtype=torch.long)), ValueError, r"candidates must be \[Q, S\]"),
-    (dict(candidates=torch.zeros(VQ, 0, dtype=torch.long)), ValueError, "candidates is empty"),
-    (dict(candidates=torch.full((VQ, 8), VN)), ValueError, r"candidates has id 50 outside \[0, 50\)"),
-    (dict(candidates=torch.full((VQ, 8), -1)), ValueError, r"candidates has id -1 outside"),
-    (dict(candidates=[[0] * 8] * VQ), TypeError, "candidates must be a torch.Tensor"),
-    (dict(backend="triton"), NotImplementedError, "backend='triton' is not implemented"),
-]
-
-
-@pytest.mark.parametrize("overrides,exc,match", BAD_RERANK, ids=[m for _, _, m in BAD_RERANK])
-def test_rerank_rejects(overrides, exc, match):
-    with pytest.raises(exc, match=match):
-        mk.rerank(**rerank_inputs(**overrides))
-
-
-def funnel_inputs(**overrides):
-    args = inputs(dims=(4, 8, VD), shortlists=(30, 10))
-    args.update(overrides)
-    return args
-
-
-BAD_FUNNEL = COMMON + [
-    (dict(k=VN + 1), ValueError, r"k must be in \[1, 50\]"),
-    (dict(dims=()), TypeError, "dims must be a non-empty sequence"),
-    (dict(dims=8), TypeError, "dims must be a non-empty sequence"),
-    (dict(dims=(4, 8, VD + 1)), ValueError, r"dims\[2\] must be in \[1, 20\]"),
-    (dict(dims=(0, 8, VD)), ValueError, r"dims\[0\] must be in \[1, 20\]"),
-    (dict(dims=(8, 4, VD)), ValueError, "dims must be non-decreasing"),
-    (dict(shortlists=(30,)), ValueError, r"shortlists must have len\(dims\) - 1 = 2"),
-    (dict(shortlists=None), TypeError, "shortlists must be a sequence"),
-    (dict(shortlists=(10, 30)), ValueError, "shortlists must be non-increasing"),
-    (dict(shortlists=(30, 4)), ValueError, r"shortlists\[1\] must be in \[5, 50\]"),
-    (dict(shortlists=(51, 10)), ValueError, r"shortlists\[0\] must be in \[5, 50\]"),
-    (dict(shortlists=(30.0, 10)), TypeError, r"shortlists\[0\] must be an int"),
-]
-
-
-@pytest.mark.parametrize("overrides,exc,match", BAD_FUNNEL, ids=[m for _, _, m in BAD_FUNNEL])
-def test_funnel_rejects(overrides, exc, match):
-    with pytest.raises(exc, match=match):
-        mk.funnel_search(**funnel_inputs(**overrides))
-
-
-def adaptive_inputs(**overrides):
-    args = inputs(shortlist=20, shortlist_dim=4)
-    args.update(overrides)
-    return args
-
-
-BAD_ADAPTIVE = COMMON + [
-    (dict(k=VN + 1), ValueError, r"k must be in \[1, 50\]"),
-    (dict(shortlist=4), ValueError, r"shortlist must be in \[5, 50\]"),
-    (dict(shortlist=VN + 1), ValueError, r"shortlist must be in \[5, 50\]"),
-    (dict(shortlist_dim=VD + 1), ValueError, r"shortlist_dim must be in \[1, 20\]"),
-    (dict(shortlist_dim=16, rerank_dim=8), ValueError, r"rerank_dim must be >= shortlist_dim \(16\)"),
-    (dict(rerank_dim=0), ValueError, r"rerank_dim must be in \[1, 20\]"),
-    (dict(shortlist_dim=None), TypeError, "shortlist_dim must be an int"),
-]
-
-
-@pytest.mark.parametrize("overrides,exc,match", BAD_ADAPTIVE, ids=[m for _, _, m in BAD_ADAPTIVE])
-def test_adaptive_rejects(overrides, exc, match):
-    with pytest.raises(exc, match=match):
-        mk.adaptive_search(**adaptive_inputs(**overrides))
-
-
-def test_validation_runs_before_compute(monkeypatch):
-    """A bad argument late in the list is reported without any backend being called."""
-    def boom(*args, **kwargs):
-        raise AssertionError("computed before validating")
-
-    from mrl_kernels.ops import search
-
-    for name in ("prefix_topk_torch", "rerank_torch"):
-        monkeypatch.setattr(search, name, boom)
-    with pytest.raises(ValueError, match="metric must be one of"):
-        mk.funnel_search(**funnel_inputs(metric="dot"))
-    with pytest.raises(ValueError, match="metric must be one of"):
-        mk.rerank(**rerank_inputs(metric="dot"))
-
-
 @pytest.mark.triton
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 def test_triton_backend_through_the_ops(kernel_device, metric):
@@ -433,6 +354,6 @@ def test_triton_row_limit():
         with pytest.raises(ValueError, match="at most 1073741824 database rows"):
             mk.adaptive_search(queries, huge, 3, shortlist=5, shortlist_dim=2, backend="triton")
     cuda = torch.device("cuda")
-    assert search._search_backend("prefix_topk", "auto", cuda, search.TRITON_MAX_ROWS + 1) == "torch"
-    assert search._search_backend("prefix_topk", "auto", cuda, search.TRITON_MAX_ROWS) == "triton"
-    assert search._search_backend("prefix_topk", "torch", cuda, search.TRITON_MAX_ROWS + 1) == "torch"
+    assert search.search_backend("prefix_topk", "auto", cuda, search.TRITON_MAX_ROWS + 1) == "torch"
+    assert search.search_backend("prefix_topk", "auto", cuda, search.TRITON_MAX_ROWS) == "triton"
+    assert search.search_backend("prefix_topk", "torch", cuda, search.TRITON_MAX_ROWS + 1) == "torch"

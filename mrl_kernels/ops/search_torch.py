@@ -1,7 +1,8 @@
 """Torch fallback for truncated-dimension search (any device, any float dtype).
 
-prefix_topk_torch never forms the Q x N score matrix: database rows go in chunks and queries in
-batches sized from SCORE_CHUNK_BYTES; each (batch, chunk) block of scores is reduced to its best k at
+prefix_topk_torch scores a small search whole (the Q x N score matrix within DIRECT_BYTES: one matmul and
+one top-k, like the eager loop); a larger one never forms that matrix: database rows go in chunks and
+queries in batches sized from SCORE_CHUNK_BYTES; each (batch, chunk) block of scores is reduced to its best k at
 once and merged with the running best (cat + topk). The prefix is read from the strided view
 database[:, :dim] once, a chunk at a time (no copy of the database); 16-bit rows are upcast to fp32
 one chunk at a time. rerank_torch gathers the candidate rows at `dim` dims for a batch of queries at a
@@ -16,15 +17,30 @@ import torch
 from torch import Tensor
 
 # Budget for the per-step temporaries (a score chunk, a fp32 copy of a database chunk, a batch of
-# gathered candidate rows). The running best and the outputs ([Q, k]) are on top of it.
+# gathered candidate rows). The running best and the outputs ([Q, k]) are on top of it. 64 MB: each step
+# then scores millions of pairs, so its matmul dwarfs the step's fixed cost, while the search needs only
+# this much beyond its inputs and outputs, small next to any CPU's or GPU's memory.
 SCORE_CHUNK_BYTES = 64 << 20
 _EPS = 1e-12  # F.normalize's eps: a zero row scores 0
-LONG_ROW_K, LONG_ROWS = 32, 131072  # k above which score rows are made at least LONG_ROWS long
+# k above which score rows are made at least LONG_ROWS (2^17) long: torch.topk's cost per row grows with k,
+# so for large k fewer, longer rows (each a query against 2^17 database rows) amortise it.
+LONG_ROW_K, LONG_ROWS = 32, 131072
 # CPU blocks: a database chunk of about CPU_BLOCK values and a score block of CPU_BLOCK scores (4 times that
-# for long rows), so that both stay in the caches while a chunk is scored against every query batch.
-# On the 2-core EPYC (1 MB L2 per core, 32 MB L3) this took d=16, k=10 from 231 to 172 ms and d=64, k=10
-# from 324 to 240 ms for 1000 queries x 200k rows (bench/NOTES.md).
+# for long rows), so that both stay in the caches while a chunk is scored against every query batch:
+# 2^20 fp32 values are 4 MB, the order of a server core's L2 plus its share of L3, so a chunk scored
+# against query batch after query batch is re-read from cache rather than memory; much smaller blocks
+# pay per-block call overhead, much larger ones stream the chunk from memory once per batch.
+# Measurements: bench/NOTES.md.
 CPU_BLOCK = 1 << 20
+# The direct path: a search whose [Q, N] scores (and, for 16-bit storage, the fp32 copy of the [N, dim]
+# prefix) take at most DIRECT_BYTES is one matmul and one top-k over the whole score matrix, as the eager
+# loop does, without the chunk machinery (buffers, per-block top-k and merge, a final sort), whose fixed
+# cost per call is several times a whole small search. DIRECT_BYTES is the per-step budget
+# SCORE_CHUNK_BYTES: the direct path holds no more than one step of the chunked path may, and running the
+# eager loop's own two ops it is as fast as that loop wherever it is taken (the chunked path is not
+# always, below this size); past it the chunked path bounds memory where the eager loop's score matrix
+# keeps growing, and was the faster of the two at 1000 x 100,000. Measurements: bench/NOTES.md.
+DIRECT_BYTES = SCORE_CHUNK_BYTES
 # grouped_topk from this k on, for rows at least this many times k (more than its group size: it needs
 # k whole groups).
 GROUPED_K, GROUPED_ROWS_PER_K = 64, 256
@@ -86,7 +102,8 @@ def _unorient(s: Tensor, metric: str) -> Tensor:
 def _prepared_queries(queries: Tensor, dim: int, acc: torch.dtype, metric: str) -> tuple[Tensor, Tensor | None]:
     """(queries' prefix in the score dtype, unit length for cosine; their squared norms [Q, 1] for l2, else
     None). A view where nothing needs changing, else one copy of the query prefix."""
-    q = queries[:, :dim].to(acc)
+    q = queries if queries.shape[1] == dim else queries[:, :dim]  # (a slice is a visible cost in a small search)
+    q = q if q.dtype == acc else q.to(acc)
     if metric == "cosine":
         q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True).clamp_min(_EPS)
     return q, q.square().sum(1, keepdim=True) if metric == "l2" else None
@@ -119,10 +136,52 @@ def _merge(best: tuple[Tensor, Tensor] | None, s: Tensor, i: Tensor, k: int) -> 
     return s, i
 
 
-@torch.no_grad()
+def _best_first(s: Tensor, i: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """Oriented candidates (scores s, ids i) sorted best first (stable: equal scores keep their order), back
+    in the metric's own direction."""
+    s, pos = torch.sort(s, dim=1, descending=True, stable=True)
+    return _unorient(s, metric), i.gather(1, pos)
+
+
+def merge_topk(scores: Tensor, ids: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
+    """The best k of each row of candidates (scores [Q, C] in the metric's own direction, ids [Q, C],
+    C >= k), best first, NaN first: how the results of several searches (database chunks, shards) merge."""
+    s, i = _merge(None, _unorient(scores, metric), ids, k)  # _unorient is its own inverse: it orients too
+    return _best_first(s, i, metric)
+
+
+def _prefix_topk_direct(queries: Tensor, database: Tensor, k: int, dim: int, metric: str) -> tuple[Tensor, Tensor]:
+    """prefix_topk_torch for a small [Q, N] score matrix: scored whole (as the eager loop does), same results.
+    Every Python-level step is a visible share of a small search, hence the guarded slices and casts."""
+    if queries.requires_grad or database.requires_grad:  # cheaper than entering no_grad on every call
+        queries, database = queries.detach(), database.detach()
+    acc = acc_dtype(database.dtype)
+    q, q_sq = _prepared_queries(queries, dim, acc, metric)
+    x = database if database.shape[1] == dim else database[:, :dim]  # a strided view: mm reads it in place
+    x = x if x.dtype == acc else x.to(acc)  # 16-bit storage: an upcast copy, [N, dim]
+    s = torch.mm(q, x.T)
+    if metric != "ip":
+        _orient_(s, metric, q_sq, _row_scale(x, metric, 1))
+    top, ids = torch.topk(s, k, dim=1, sorted=True)
+    return _unorient(top, metric), ids
+
+
 def prefix_topk_torch(queries: Tensor, database: Tensor, k: int, dim: int, metric: str) -> tuple[Tensor, Tensor]:
     """Exact top-k of each query over all database rows on the first `dim` dims, best first:
     (scores [Q, k] fp32 (fp64 for fp64 inputs), ids [Q, k] int64). No gradient flows to the scores.
+    Up to DIRECT_BYTES the score matrix is computed whole (_prefix_topk_direct), past it in blocks
+    (_prefix_topk_chunked)."""
+    elem = 8 if database.dtype == torch.float64 else 4  # bytes of a score (acc_dtype)
+    n = database.shape[0]
+    upcast = database.element_size() < elem  # 16-bit storage: the direct path copies the prefix to fp32
+    if elem * n * max(queries.shape[0], dim if upcast else 0) <= DIRECT_BYTES:
+        return _prefix_topk_direct(queries, database, k, dim, metric)
+    return _prefix_topk_chunked(queries, database, k, dim, metric)
+
+
+@torch.no_grad()
+def _prefix_topk_chunked(queries: Tensor, database: Tensor, k: int, dim: int, metric: str) -> tuple[Tensor, Tensor]:
+    """prefix_topk_torch by blocks, never holding the [Q, N] scores.
 
     Database chunks are the outer loop, so the prefix is read once whatever the number of query
     batches: each chunk (unless the prefix is already contiguous in the score dtype) is gathered into a
@@ -130,8 +189,8 @@ def prefix_topk_torch(queries: Tensor, database: Tensor, k: int, dim: int, metri
     reused score buffer (a fresh multi-MB allocation per step costs the CPU more in page faults than the
     matmul itself). Queries are cast / normalised once (a copy of their prefix for cosine or 16-bit
     queries)."""
-    acc = acc_dtype(database.dtype)
     n_q, n = queries.shape[0], database.shape[0]
+    acc = acc_dtype(database.dtype)
     qb, nc = blocks(n_q, n, dim, k, torch.finfo(acc).bits // 8, cpu=queries.device.type == "cpu")
     prefix = database[:, :dim]  # strided view, no copy
     in_place = prefix.is_contiguous() and prefix.dtype == acc  # chunks are used as they are
@@ -156,8 +215,7 @@ def prefix_topk_torch(queries: Tensor, database: Tensor, k: int, dim: int, metri
     out_s = torch.empty((n_q, k), dtype=acc, device=queries.device)
     out_i = torch.empty((n_q, k), dtype=torch.int64, device=queries.device)
     for q0, (s, i) in best.items():
-        s, pos = torch.sort(s, dim=1, descending=True, stable=True)
-        out_s[q0:q0 + s.shape[0]], out_i[q0:q0 + s.shape[0]] = _unorient(s, metric), i.gather(1, pos)
+        out_s[q0:q0 + s.shape[0]], out_i[q0:q0 + s.shape[0]] = _best_first(s, i, metric)
     return out_s, out_i
 
 
