@@ -8,16 +8,18 @@ Exit status 1 when a provider raised an error (skipped providers are not failure
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from bench import harness, report
+from bench.suites import SUITES, get
 
 
 def _list(args) -> int:
-    for name, suite in harness.suites().items():
+    for name, suite in SUITES.items():
         counts = ", ".join(f"{d}: {len(suite.cases(d, False))} cases" for d in ("cpu", "cuda"))
         print(f"{name}  baseline={suite.baseline}  providers={','.join(suite.providers)}  ({counts})")
     return 0
@@ -27,10 +29,16 @@ def _run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available here", file=sys.stderr)
         return 2
-    names = args.suites or [n for n, s in harness.suites().items() if s.cases(args.device, args.quick)]
+    names = args.suites or [n for n, s in SUITES.items() if s.cases(args.device, args.quick)]
+    load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
+    if args.device == "cpu" and load > cores / 2:
+        # Other processes on the cores stall torch's OpenMP threads at every parallel op: small calls then
+        # take whole scheduler slices (multiples of ~16 ms here) and the ratios mean nothing.
+        print(f"warning: load average {load:.1f} on {cores} cores: CPU timings will be skewed by other work; "
+              "do not commit them", file=sys.stderr)
     failed = False
     for name in names:
-        suite = harness.get_suite(name)
+        suite = get(name)
         records = []
         for case_records in harness.run_suite(suite, args.device, quick=args.quick):
             path = report.save(suite, case_records, args.out, args.quick)  # stored case by case
@@ -67,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     plot = sub.add_parser("plot", parents=[common], help="redraw tables and plots from stored results")
     plot.add_argument("suites", nargs="+", metavar="SUITE")
     args = parser.parse_args(argv)
-    unknown = [n for n in getattr(args, "suites", []) if n not in harness.suites()]
+    unknown = [n for n in getattr(args, "suites", []) if n not in SUITES]
     if unknown:
-        parser.error(f"unknown suite(s) {', '.join(unknown)}; known: {', '.join(harness.suites())}")
+        parser.error(f"unknown suite(s) {', '.join(unknown)}; known: {', '.join(SUITES)}")
     return {"list": _list, "run": _run, "plot": _plot}[args.command](args)
 
 

@@ -1,4 +1,5 @@
 """Benchmark harness: each suite's providers are timed side by side, in one process, on one device.
+The suites (bench/suites/, whose __init__ holds the registry) build on this module; it imports none of them.
 
 Timing. Warm-up first (it also absorbs compilation, autotuning and lazy initialisation), then enough
 reps to fill `Timing.rep_ms`; the median is reported. CUDA uses a pair of CUDA events around every call
@@ -77,27 +78,6 @@ class Timing:
 METRIC_KEY = {"GB/s": "gbps", "TFLOP/s": "tflops"}  # a suite's metric -> its record field
 
 QUICK = Timing(warmup_ms=5, rep_ms=20, min_reps=3, max_reps=20, max_copies=2)
-
-SUITES: dict[str, Suite] = {}
-
-
-def register(suite: Suite) -> Suite:
-    SUITES[suite.name] = suite
-    return suite
-
-
-def suites() -> dict[str, Suite]:
-    import bench.suites  # noqa: F401  (importing registers them)
-
-    return SUITES
-
-
-def get_suite(name: str) -> Suite:
-    known = suites()
-    if name not in known:
-        raise KeyError(f"unknown suite {name!r}; known: {', '.join(sorted(known))}")
-    return known[name]
-
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,11 +7,12 @@ import os
 import pytest
 
 from bench import harness
+from bench.suites import SUITES
 
 DEVICE = harness.default_device()
 QUICK = os.environ.get("MRL_BENCH_QUICK") == "1"
 PARAMS = [pytest.param(suite, case, provider, id=f"{name}-{case.name}-{provider}")
-          for name, suite in harness.suites().items()
+          for name, suite in SUITES.items()
           for case in suite.cases(DEVICE, QUICK)
           for provider in suite.providers]
 

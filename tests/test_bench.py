@@ -6,6 +6,7 @@ import torch
 
 from bench import harness, report
 from bench.__main__ import main
+from bench.suites import get
 
 
 def test_summarize_takes_the_median_and_quantiles():
@@ -126,3 +127,60 @@ def test_nested_ce_quick_run_on_cpu(tmp_path):
         for provider in ("ours_triton", "cce", "liger", "cce_full_dim_floor", "compiled_loop"):
             assert by[mode, provider]["status"] == "skipped" and by[mode, provider]["reason"]
     assert "| ours_torch |" in path.with_suffix(".md").read_text()
+
+
+def test_the_registry_lives_in_bench_suites_and_the_harness_imports_no_suite():
+    import subprocess
+    import sys
+
+    code = "import sys, bench.harness, bench.report; print(any(m.startswith('bench.suites') for m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"
+    from bench.suites import SUITES
+
+    assert {"nested_ce", "prefix_norms", "search", "nested_ce_small", "prefix_norms_small",
+            "prefix_topk_small"} <= set(SUITES)
+    assert get("nested_ce_small") is SUITES["nested_ce_small"]
+    with pytest.raises(KeyError, match="unknown suite"):
+        get("nope")
+
+
+def test_doubling_dims_end_at_the_full_dim():
+    from bench.suites._small import doubling
+
+    assert doubling(2, 32) == (2, 4, 8, 16, 32)
+    assert doubling(8, 8) == (8,) and doubling(8, 100) == (8, 16, 32, 64, 100)
+
+
+@pytest.mark.parametrize("name,points,overhead", [
+    ("nested_ce_small", 4 * 3 * 3, {"N": 1}), ("prefix_norms_small", 5 * 4, {"N": 1}),
+    ("prefix_topk_small", 3 * 3 * 2 * 3, {"N": 1, "Q": 1, "k": 1}),
+])
+def test_small_grids_are_cpu_cases_with_an_overhead_case_first(name, points, overhead):
+    from bench.suites._small import doubling
+
+    suite = get(name)
+    assert set(suite.providers) == {"reference", "auto", "torch"} and suite.baseline == "reference"
+    cases = suite.cases("cpu", False)
+    assert len(cases) == points + 1 and len({c.name for c in cases}) == len(cases)
+    assert cases[0].name.startswith("overhead-") and overhead.items() <= cases[0].params.items()
+    assert all(c.params["dtype"] == "float32" and c.flops > 0 and c.bytes > 0 for c in cases)
+    if "dims" in cases[0].params:  # powers of two up to D, then D
+        low = 2 if name == "nested_ce_small" else 8
+        assert all(tuple(c.params["dims"]) == doubling(low, c.params["D"]) for c in cases[1:])
+    else:
+        assert {c.params["metric"] for c in cases} == {"cosine"}
+    assert [c.name for c in suite.cases("cpu", True)] == [c.name for c in cases[:2]]
+    assert suite.cases("cuda", False) == []
+
+
+@pytest.mark.parametrize("name", ["nested_ce_small", "prefix_norms_small", "prefix_topk_small"])
+def test_small_grid_quick_run_compares_auto_with_the_loop(tmp_path, name):
+    assert main(["run", name, "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob(f"*/{name}-quick.json")
+    recs = json.loads(path.read_text())["records"]
+    assert {r["case"] for r in recs} == {c.name for c in get(name).cases("cpu", True)}
+    for r in recs:
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["ratio"] > 0 and r["rel_err"] < 1e-4
+    assert "| auto |" in path.with_suffix(".md").read_text()

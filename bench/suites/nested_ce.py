@@ -42,6 +42,10 @@ the vocab head (slow).
 
 Trimming a run: $NESTED_CE_MODES (e.g. "fwd+bwd") and $NESTED_CE_HEADS (e.g. "imagenet,jft"; not --quick)
 take comma-separated subsets.
+
+nested_ce_small (CPU only, fp32, fwd+bwd; bench/suites/_small.py): N in SMALL_N x D in SMALL_D x C in SMALL_C,
+dims 2, 4, ..., D, plus the per-call overhead case (N=1, D=8, C=2, dims (2, 4, 8)). Providers: reference (the
+eager loop, baseline), auto and torch (mk.matryoshka_linear_cross_entropy with that backend).
 """
 from __future__ import annotations
 
@@ -54,7 +58,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, Suite, Timing, Unavailable, register, require
+from bench.harness import Case, Suite, Timing, Unavailable, require
+from bench.suites import _small
 
 DIMS = tuple(8 << i for i in range(9))  # 8, 16, ..., 2048
 JFT_DIMS = (12, 24, 48, 96, 192, 384, 768)
@@ -72,6 +77,7 @@ GPU_HEADS = [
 QUICK_HEAD = ("tiny", 64, 64, 50, (8, 16, 32, 64))
 COMPILE_HEAD = {"cpu": "imagenet", "cuda": "imagenet"}  # torch.compile is slow: one head per device
 LIGER_MAX_CHUNKS = 4096  # above this many row chunks per call, time Liger in fwd+bwd only
+SMALL_N, SMALL_D, SMALL_C = (64, 256, 1024, 4096), (16, 128, 512), (10, 100, 1000)
 
 
 def _case(label: str, n: int, d: int, c: int, dims, dtype: str, mode: str) -> Case:
@@ -102,6 +108,13 @@ def cases(device: str, quick: bool) -> list[Case]:
         labels = _selected("NESTED_CE_HEADS", [h[0] for h in heads])
         heads = [h for h in heads if h[0] in labels]
     return [_case(*head, mode) for head in heads for mode in _selected("NESTED_CE_MODES", MODES)]
+
+
+def small_cases(device: str, quick: bool) -> list[Case]:
+    overhead = _case("overhead", 1, 8, 2, (2, 4, 8), "float32", "fwd+bwd")
+    points = [_case("small", n, d, c, _small.doubling(2, d), "float32", "fwd+bwd")
+              for n in SMALL_N for d in SMALL_D for c in SMALL_C]
+    return _small.grid(device, quick, overhead, points)
 
 
 def make_inputs(case: Case, device: str, seed: int) -> tuple:
@@ -310,7 +323,7 @@ def _cce_floor(case: Case, device: str):
     return fn
 
 
-SUITE = register(Suite(
+SUITE = Suite(
     name="nested_ce",
     baseline="reference",
     cases=cases,
@@ -329,4 +342,6 @@ SUITE = register(Suite(
     floor="cce_full_dim_floor",
     # The GPU budget is small: few reps (the big head's calls take 100+ ms each, so min_reps rules there).
     timing={"cuda": Timing(warmup_ms=20, rep_ms=60, min_reps=3, max_reps=30, max_copies=2)},
-))
+)
+
+SMALL = _small.suite("nested_ce_small", small_cases, make_inputs, _reference, _ours, "TFLOP/s")

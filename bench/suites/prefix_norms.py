@@ -1,4 +1,9 @@
-"""prefix_norms(x, dims) -> [N, len(dims)]: one pass over x; memory-bound, so GB/s is the metric."""
+"""prefix_norms(x, dims) -> [N, len(dims)]: one pass over x; memory-bound, so GB/s is the metric.
+
+prefix_norms: dims 8, 16, ..., D. Providers: reference (the eager loop, baseline) and the op's backends.
+prefix_norms_small (CPU only, fp32; bench/suites/_small.py): N in SMALL_N x D in SMALL_D, dims 8, 16, ..., D,
+plus the per-call overhead case (N=1, D=16, dims (8, 16)); providers reference, auto and torch.
+"""
 from __future__ import annotations
 
 import functools
@@ -6,16 +11,17 @@ import importlib.util
 
 import torch
 
-from bench.harness import Case, Suite, Unavailable, register, require
+from bench.harness import Case, Suite, Unavailable, require
+from bench.suites import _small
 
-DIMS = tuple(8 << i for i in range(9))  # 8, 16, ..., 2048
+SMALL_N, SMALL_D = (64, 256, 1001, 4096, 65536), (16, 64, 256, 2048)
 
 
-def _case(n: int, d: int, dtype: torch.dtype) -> Case:
-    dims = tuple(m for m in DIMS if m <= d)
+def _case(n: int, d: int, dtype: torch.dtype, label: str = "") -> Case:
+    dims = _small.doubling(8, d)
     itemsize = torch.empty((), dtype=dtype).element_size()
     name = str(dtype).removeprefix("torch.")
-    return Case(f"N{n}-D{d}-{name}", {"N": n, "D": d, "dtype": name, "dims": list(dims)},
+    return Case(f"{label}N{n}-D{d}-{name}", {"N": n, "D": d, "dtype": name, "dims": list(dims)},
                 flops=2 * n * d, bytes=n * d * itemsize + n * len(dims) * 4)
 
 
@@ -26,6 +32,11 @@ def cases(device: str, quick: bool) -> list[Case]:
         shapes = [(8192, torch.float32)]
     # Quick: the same dtypes at smoke-test size; an odd N catches tail handling.
     return [_case(1001, 256, dtype) if quick else _case(n, 2048, dtype) for n, dtype in shapes]
+
+
+def small_cases(device: str, quick: bool) -> list[Case]:
+    points = [_case(n, d, torch.float32) for n in SMALL_N for d in SMALL_D]
+    return _small.grid(device, quick, _case(1, 16, torch.float32, "overhead-"), points)
 
 
 def make_inputs(case: Case, device: str, seed: int) -> tuple:
@@ -50,7 +61,7 @@ def _backend(backend: str, needs_cuda: bool = False, needs: str | None = None):
     return factory
 
 
-SUITE = register(Suite(
+SUITE = Suite(
     name="prefix_norms",
     baseline="reference",
     cases=cases,
@@ -62,4 +73,6 @@ SUITE = register(Suite(
         "cuda": _backend("cuda", needs_cuda=True, needs="cupy"),
     },
     metric="GB/s",
-))
+)
+
+SMALL = _small.suite("prefix_norms_small", small_cases, make_inputs, _reference, _backend, "GB/s")

@@ -16,6 +16,12 @@ to its time.
 FLOPs: 2 * Q * N * d for the scoring; bytes: the prefix read once (N * d * itemsize) plus the queries.
 On CUDA (N = 1M and 10M, D = 2048 fp16, Q = 10,000) the baseline is ours_torch, the chunked
 slice + matmul + topk, since the whole score matrix would not fit.
+
+prefix_topk_small (CPU only, fp32, metric "cosine"; bench/suites/_small.py): prefix_topk at d dims of a
+D = SMALL_FULL_DIM database, Q in SMALL_Q x N in SMALL_N x d in SMALL_DIM x k in SMALL_K, plus the per-call
+overhead case (Q=1, N=1, D=d=8, k=1). Providers: reference (the eager slice + matmul + topk, baseline),
+auto and torch (mk.prefix_topk with that backend); no recall; rel err compares the scores only (cosine
+scores that are equal to fp32 rounding may come in either id order).
 """
 from __future__ import annotations
 
@@ -24,17 +30,21 @@ import time
 
 import torch
 
-from bench.harness import Case, Suite, Timing, Unavailable, register, require
+from bench.harness import Case, Suite, Timing, Unavailable, require
+from bench.suites import _small
 
 FUNNEL = ((8, 16, 32, 64, 128, None), (200, 100, 50, 25, 10))  # None: the full dim
+SMALL_Q, SMALL_N, SMALL_FULL_DIM = (1, 16, 256), (1000, 10_000, 100_000), 256
+SMALL_DIM, SMALL_K = (16, 64), (1, 10, 100)
 
 
-def _case(kind: str, n: int, d_full: int, q: int, dtype: str, dim=None, k: int = 10) -> Case:
+def _case(kind: str, n: int, d_full: int, q: int, dtype: str, dim=None, k: int = 10, metric: str = "ip",
+          label: str | None = None) -> Case:
     dim = d_full if dim is None else dim
-    name = f"{kind}-d{dim}-k{k}" if kind == "topk" else f"{kind}-k{k}"
+    name = f"{label or kind}-d{dim}-k{k}" if kind == "topk" else f"{kind}-k{k}"
     itemsize = getattr(torch, dtype).itemsize
     return Case(f"{name}-N{n}-Q{q}-{dtype}", {"kind": kind, "N": n, "D": d_full, "Q": q, "dtype": dtype,
-                                              "dim": dim, "k": k},
+                                              "dim": dim, "k": k, "metric": metric},
                 flops=2 * q * n * dim, bytes=(n + q) * dim * itemsize)
 
 
@@ -50,16 +60,29 @@ def cases(device: str, quick: bool) -> list[Case]:
     return topk + [_case(kind, n, d, q, dtype) for kind in ("exact", "adaptive", "funnel")]
 
 
-@functools.lru_cache(maxsize=1)
-def _data(n: int, d: int, q: int, dtype: str, device: str, seed: int):
+def small_cases(device: str, quick: bool) -> list[Case]:
+    # (N, Q) outermost: consecutive cases share their inputs (see make_inputs).
+    points = [_case("topk", n, SMALL_FULL_DIM, q, "float32", dim, k, "cosine")
+              for n in SMALL_N for q in SMALL_Q for dim in SMALL_DIM for k in SMALL_K]
+    return _small.grid(device, quick, _case("topk", 1, 8, 1, "float32", 8, 1, "cosine", "overhead"), points)
+
+
+def _generate(n: int, d: int, q: int, dtype: str, device: str, seed: int):
     from mrl_kernels.datasets import synthetic_mrl_embeddings
 
     return synthetic_mrl_embeddings(n, d, q, seed=seed, dtype=getattr(torch, dtype), device=device)
 
 
+# Kept for the next cases of the same shape: a few small databases (a case's input copies, one per seed),
+# but only one large one (the GPU cases' are up to 40 GB).
+_small_data, _large_data = functools.lru_cache(maxsize=8)(_generate), functools.lru_cache(maxsize=1)(_generate)
+SMALL_DATA_VALUES = 1 << 25
+
+
 def make_inputs(case: Case, device: str, seed: int) -> tuple:
     p = case.params
-    database, queries = _data(p["N"], p["D"], p["Q"], p["dtype"], device, seed)
+    data = _small_data if p["N"] * p["D"] <= SMALL_DATA_VALUES else _large_data
+    database, queries = data(p["N"], p["D"], p["Q"], p["dtype"], device, seed)
     return queries, database
 
 
@@ -77,8 +100,10 @@ def _recall_at_10(ids: torch.Tensor, queries, database) -> float:
 
 
 def _search(module: str, kind: str, p: dict, **kw):
-    """The search function of `module` (mrl_kernels or mrl_kernels.reference) for a case kind."""
+    """The search function of `module` (mrl_kernels or mrl_kernels.reference) for a case kind, at the
+    case's metric (pinned: the ops' default is not the suites' concern)."""
     dims, shortlists = FUNNEL
+    kw["metric"] = p["metric"]
     if kind == "topk":
         fn = require(module, "prefix_topk")
         return lambda q, db: fn(q, db, p["k"], dim=p["dim"], **kw)
@@ -121,10 +146,19 @@ def _ours(backend: str):
     return factory
 
 
+def _small_provider(module: str, **kw):
+    def factory(case: Case, device: str):
+        search = _search(module, "topk", case.params, **kw)
+        # Only the scores are compared: cosine scores equal to fp32 rounding may come in either id order.
+        return lambda queries, database: search(queries, database)[0]
+
+    return factory
+
+
 def _faiss(case: Case, device: str):
     p = case.params
-    if device != "cpu" or p["kind"] not in ("topk", "exact"):
-        raise Unavailable("faiss-cpu: exact flat search on the CPU only")
+    if device != "cpu" or p["kind"] not in ("topk", "exact") or p["metric"] != "ip":
+        raise Unavailable("faiss-cpu: exact flat inner-product search on the CPU only")
     faiss = require("faiss")
     built = {}
 
@@ -143,7 +177,7 @@ def _faiss(case: Case, device: str):
     return fn
 
 
-SUITE = register(Suite(
+SUITE = Suite(
     name="search",
     baseline="reference",
     cases=cases,
@@ -153,4 +187,7 @@ SUITE = register(Suite(
     metric="GB/s",
     timing={"cpu": Timing(warmup_ms=0, rep_ms=1500, min_reps=3, max_reps=5, max_copies=1),
             "cuda": Timing(warmup_ms=10, rep_ms=200, min_reps=3, max_reps=10, max_copies=1)},
-))
+)
+
+SMALL = _small.suite("prefix_topk_small", small_cases, make_inputs, _small_provider("mrl_kernels.reference"),
+                     lambda backend: _small_provider("mrl_kernels", backend=backend), "GB/s")
