@@ -61,7 +61,7 @@ def check(backend, dims, shared, with_bias, dtype, device, d=D, **options):
         assert g.dtype == dtype and rel_error(g, r) < TOL[dtype] * 2
 
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+BACKENDS = ["torch", "eager", pytest.param("triton", marks=pytest.mark.triton)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -82,6 +82,24 @@ def test_dims_on_tile_boundaries(backend, dims, shared, kernel_device):
     device = kernel_device if backend == "triton" else "cpu"
     check(backend, dims, shared, True, torch.float32, device, d=200, label_smoothing=0.1)
     check(backend, dims, shared, False, torch.bfloat16, device, d=200)
+
+
+@pytest.mark.parametrize("form", ["running_sums", "per_prefix"])
+@pytest.mark.parametrize("dims", [(17, 3, 70), (70,), (1, 2)])
+@pytest.mark.parametrize("options", [{}, dict(reduction="none", label_smoothing=0.1, ignore_index=7),
+                                     dict(reduction="sum", label_smoothing=0.2)],
+                         ids=["mean", "none", "sum"])
+def test_eager_both_forms(monkeypatch, form, dims, options):
+    """The eager backend's shared head, as running sums of segment products and as F.linear per prefix (which
+    one runs depends on the shape, see ops/nested_ce_eager.py): both match the float64 loop."""
+    from mrl_kernels.ops import nested_ce_eager
+
+    if form == "running_sums":
+        monkeypatch.setattr(nested_ce_eager, "SEGMENT_COLUMNS_PER_DIM", 0)
+    else:
+        monkeypatch.setattr(nested_ce_eager, "SEGMENT_COLUMNS_PER_DIM", 10**9)
+        monkeypatch.setattr(nested_ce_eager, "SEGMENT_SMALL_LOGITS", 0)
+    check("eager", dims, True, True, torch.float32, "cpu", **options)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -164,27 +182,88 @@ def test_all_rows_ignored_is_nan_like_torch(backend, kernel_device):
     assert mk.matryoshka_linear_cross_entropy(x, w, t, (3, 70), backend=backend, reduction="sum") == 0
 
 
-def test_auto_picks_torch_on_cpu(monkeypatch):
-    from mrl_kernels.ops import cross_entropy
+def test_auto_on_cpu_picks_by_size(monkeypatch):
+    """On the CPU, "auto" runs the eager loop while len(dims) * N * C is at most EAGER_CPU_LOGITS and the
+    chunked torch fallback above."""
+    from mrl_kernels.ops import nested_ce
 
     calls = []
-    forward = cross_entropy.nested_ce_forward_torch
-    monkeypatch.setattr(cross_entropy, "nested_ce_forward_torch", lambda *a: calls.append(a) or forward(*a))
+    forward, eager = nested_ce.nested_ce_forward_torch, nested_ce.nested_ce_eager
+    monkeypatch.setattr(nested_ce, "nested_ce_forward_torch", lambda *a: calls.append("torch") or forward(*a))
+    monkeypatch.setattr(nested_ce, "nested_ce_eager", lambda *a: calls.append("eager") or eager(*a))
     x, w, b, t = make_inputs((3, 70), True, False, torch.float32, "cpu", seed=3)
     mk.matryoshka_linear_cross_entropy(x, w, t, (3, 70))
-    assert len(calls) == 1
+    monkeypatch.setattr(nested_ce, "EAGER_CPU_LOGITS", 2 * N * C - 1)
+    mk.matryoshka_linear_cross_entropy(x, w, t, (3, 70))
+    assert calls == ["eager", "torch"]
 
 
-def test_autocast_runs_in_low_precision():
-    x, w, b, t = make_inputs((17, 3, 70), True, True, torch.float32, "cpu", seed=4)
-    x.requires_grad_()
+def test_auto_on_cpu_small_heads():
+    """A head of few classes takes the fallback once N * sum(dims) reaches FALLBACK_MIN_FEATURES."""
+    from mrl_kernels.ops.nested_ce import FALLBACK_MIN_FEATURES, _auto_backend
+
+    cpu = torch.device("cpu")
+    assert _auto_backend(cpu, FALLBACK_MIN_FEATURES // 73, 10, (3, 70), wants_grad=True) == "eager"
+    assert _auto_backend(cpu, FALLBACK_MIN_FEATURES // 73 + 1, 10, (3, 70), wants_grad=True) == "torch"
+    assert _auto_backend(cpu, FALLBACK_MIN_FEATURES // 73 + 1, 17, (3, 70), wants_grad=True) == "eager"
+
+
+AUTOCAST_BACKENDS = ["torch", "eager", "reference", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+@pytest.mark.parametrize("backend", ["auto", *AUTOCAST_BACKENDS])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_dim"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_autocast_like_f_linear(backend, shared, with_bias, kernel_device):
+    """Under CPU autocast with fp32 leaves that all need gradients, every backend computes what the same loss
+    gives on inputs cast to bf16 by hand (the matmuls in bf16), returns the loss in float32 as F.cross_entropy
+    does under autocast, and hands fp32 gradients to the fp32 leaves."""
+    device = kernel_device if backend == "triton" else "cpu"
+    if device != "cpu":
+        pytest.skip("CPU autocast")
+    dims = (17, 3, 70)
+    x, w, b, t = make_inputs(dims, shared, with_bias, torch.float32, device, seed=4)
+    params = leaves(x, w, b)
+    for p in params:
+        p.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = mk.matryoshka_linear_cross_entropy(x, w, t, (17, 3, 70), bias=b, backend="torch")
-    ref = reference.nested_cross_entropy(float64(x.bfloat16()), float64(w.bfloat16()), t, (17, 3, 70),
-                                         bias=float64(b.bfloat16()))
-    assert out.dtype == torch.bfloat16 and rel_error(out, ref) < 1e-2
-    out.backward()
-    assert x.grad.dtype == torch.float32 and x.grad.isfinite().all()
+        out = mk.matryoshka_linear_cross_entropy(x, w, t, dims, bias=b, label_smoothing=0.1, backend=backend)
+    grads = torch.autograd.grad(out, params)
+    bf16 = lambda v: float64(v.detach().bfloat16()) if isinstance(v, torch.Tensor) else float64(  # noqa: E731
+        [None if u is None else u.detach().bfloat16() for u in v])
+    x64, w64, b64 = bf16(x), bf16(w), None if b is None else bf16(b)
+    ref = reference.nested_cross_entropy(x64, w64, t, dims, bias=b64, label_smoothing=0.1)
+    ref_grads = torch.autograd.grad(ref, leaves(x64, w64, b64))
+    assert out.dtype == torch.float32 and rel_error(out, ref) < 1e-2
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32 and rel_error(g, r) < 2e-2
+
+
+@pytest.mark.parametrize("backend", AUTOCAST_BACKENDS)
+def test_autocast_backward_inside_the_context(backend, kernel_device):
+    """Per-row losses (the torch and Triton paths' separate backward) with backward called under autocast too."""
+    device = kernel_device if backend == "triton" else "cpu"
+    if device != "cpu":
+        pytest.skip("CPU autocast")
+    x, w, b, t = make_inputs((17, 3, 70), True, True, torch.float32, device, seed=7)
+    x.requires_grad_(), w.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mk.matryoshka_linear_cross_entropy(x, w, t, (17, 3, 70), bias=b, reduction="none", backend=backend)
+        dx, dw = torch.autograd.grad(out.sum(), (x, w))
+    x64, w64 = float64(x.detach().bfloat16()), float64(w.detach().bfloat16())
+    ref = reference.nested_cross_entropy(x64, w64, t, (17, 3, 70), bias=float64(b.bfloat16()), reduction="none")
+    assert out.dtype == torch.float32 and rel_error(out, ref) < 1e-2
+    for g, r in zip((dx, dw), torch.autograd.grad(ref.sum(), (x64, w64))):
+        assert g.dtype == torch.float32 and rel_error(g, r) < 2e-2
+
+
+def test_float64_ignores_autocast():
+    """Autocast leaves float64 alone (as F.linear does): the fused path stays exact."""
+    x, w, b, t = make_inputs((17, 3, 70), True, True, torch.float64, "cpu", seed=8)
+    want = mk.matryoshka_linear_cross_entropy(x, w, t, (17, 3, 70), bias=b, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mk.matryoshka_linear_cross_entropy(x, w, t, (17, 3, 70), bias=b, backend="torch")
+    assert got.dtype == torch.float64 and rel_error(got, want) < 1e-12
 
 
 def test_torch_compile_fullgraph():
@@ -232,14 +311,12 @@ def test_torch_path_refuses_a_second_backward():
 
 
 def test_auto_on_cuda_follows_the_measurements():
-    """On a GPU, "auto" trains through the eager loop while its logits fit (the Triton backward is slower,
-    see bench/results/nvidia-h200*/nested_ce.md) and uses Triton otherwise."""
-    from mrl_kernels.ops.cross_entropy import EAGER_AUTO_BYTES, _auto_cuda_backend
+    """On a GPU, "auto" trains through the eager backend (never the reference) while its logits fit (the
+    Triton backward is slower, see bench/NOTES.md) and uses Triton otherwise (forward only, or logits too big)."""
+    from mrl_kernels.ops.nested_ce import EAGER_AUTO_BYTES, _auto_backend
 
-    x, w = torch.randn(8, 70, requires_grad=True), torch.randn(101, 70)
-    assert _auto_cuda_backend(x, w, None, (3, 70), None) == "reference"
-    assert _auto_cuda_backend(x.detach(), w, None, (3, 70), torch.randn(101, requires_grad=True)) == "reference"
-    with torch.no_grad():
-        assert _auto_cuda_backend(x, w, None, (3, 70), None) == "triton"
-    big = torch.empty(EAGER_AUTO_BYTES // (12 * 101 * 2) + 1, 70, device="meta", requires_grad=True)
-    assert _auto_cuda_backend(big, w.to("meta"), None, (3, 70), None) == "triton"
+    cuda = torch.device("cuda")
+    assert _auto_backend(cuda, 8, 101, (3, 70), wants_grad=True) == "eager"
+    assert _auto_backend(cuda, 8, 101, (3, 70), wants_grad=False) == "triton"
+    big = EAGER_AUTO_BYTES // (12 * 101 * 2) + 1
+    assert _auto_backend(cuda, big, 101, (3, 70), wants_grad=True) == "triton"

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 import triton
@@ -24,7 +26,7 @@ def norms_float64(x, dims):
 
 @pytest.mark.parametrize("n,d,dims", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "eager", "reference"])
 def test_matches_float64(backend, dtype, n, d, dims):
     x = torch.randn(n, d, dtype=dtype)
     out = mk.prefix_norms(x, dims, backend=backend)
@@ -51,7 +53,7 @@ def test_float64_kept():
     assert rel_error(out, norms_float64(x, [20, 5])) < 1e-14
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "eager", "reference"])
 def test_nan_propagates(backend):
     x = torch.randn(4, 30)
     x[2, 10] = float("nan")
@@ -68,16 +70,54 @@ def test_triton_nan_propagates(kernel_device):
     assert out[2, 0].isfinite() and out[2, 1].isnan() and out[2, 2].isnan()
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("backend", ["torch", "eager"])
+def test_gradcheck(backend):
     x = torch.randn(6, 23, dtype=torch.float64, requires_grad=True)
     x.data[1] = 0  # a zero row has a zero subgradient, as in torch.linalg.norm
-    assert torch.autograd.gradcheck(lambda t: mk.prefix_norms(t, [23, 4, 9], backend="torch")[[0, 2, 3, 4, 5]], (x,))
-    out = mk.prefix_norms(x, [23, 4, 9], backend="torch")
+    assert torch.autograd.gradcheck(lambda t: mk.prefix_norms(t, [23, 4, 9], backend=backend)[[0, 2, 3, 4, 5]], (x,))
+    out = mk.prefix_norms(x, [23, 4, 9], backend=backend)
     (g,) = torch.autograd.grad(out.sum(), x)
     assert (g[1] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "eager", "reference",
+                                     pytest.param("triton", marks=pytest.mark.triton)])
+def test_autocast_changes_nothing(backend, kernel_device):
+    """Norms are float32 ops for autocast: under CPU autocast (bf16) fp32 x gives the same fp32 norms and
+    fp32 gradients as without it, on every backend."""
+    device = kernel_device if backend == "triton" else "cpu"
+    if device != "cpu":
+        pytest.skip("CPU autocast")
+    dims = (17, 3, 70)
+    x = torch.randn(37, 70, requires_grad=True)
+    w = torch.randn(37, len(dims))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mk.prefix_norms(x, dims, backend=backend)
+        (g,) = torch.autograd.grad((out * w).sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad((norms_float64(x64, dims) * w.double()).sum(), x64)
+    assert out.dtype == torch.float32 and rel_error(out, norms_float64(x, dims)) < 1e-5
+    assert g.dtype == torch.float32 and rel_error(g, g64) < 1e-5
+
+
+def test_auto_on_cpu_picks_by_shape(monkeypatch):
+    """On the CPU, "auto" is the eager loop, except for x[:, :max(dims)] at least FALLBACK_MIN_COLS wide and
+    FALLBACK_MIN_ELEMENTS large, which takes the chunked fallback."""
+    prefix_norms = importlib.import_module("mrl_kernels.ops.prefix_norms")  # the module, not the op it exports
+    calls = []
+    for name in ("prefix_norms_eager", "prefix_norms_torch"):
+        impl = getattr(prefix_norms, name)
+        monkeypatch.setattr(prefix_norms, name, lambda *a, impl=impl, name=name: calls.append(name) or impl(*a))
+    monkeypatch.setattr(prefix_norms, "FALLBACK_MIN_ELEMENTS", 5 * 256)
+    mk.prefix_norms(torch.randn(5, 16), (8, 16))
+    mk.prefix_norms(torch.randn(5, 16, dtype=torch.bfloat16), (8, 16))
+    mk.prefix_norms(torch.randn(4, 300), (8, 256))       # wide but small
+    mk.prefix_norms(torch.randn(5, 300), (8, 256))       # wide and large
+    mk.prefix_norms(torch.randn(5, 300), (8, 255))       # large but narrow
+    assert calls == ["prefix_norms_eager"] * 3 + ["prefix_norms_torch", "prefix_norms_eager"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "eager", "triton"])
 def test_gradient_matches_float64(backend, kernel_device):
     device = kernel_device if backend == "triton" else "cpu"
     dims = (17, 3, 70)

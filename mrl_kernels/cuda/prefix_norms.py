@@ -5,6 +5,7 @@ import functools
 
 import torch
 
+from .._nesting import nesting
 from . import loader
 
 _ENTRY = {
@@ -19,8 +20,8 @@ _WARPS_PER_BLOCK = 8  # one warp per row
 def _dims_table(dims: tuple, device: torch.device) -> torch.Tensor:
     # int32 [2, n]: row 0 the dims ascending (the kernel walks prefixes in order), row 1 the output
     # column of each, so results come back in the caller's order. Cached: one H2D copy per dims list.
-    order = sorted(range(len(dims)), key=dims.__getitem__)
-    return torch.tensor([[dims[i] for i in order], order], dtype=torch.int32, device=device)
+    geo = nesting(dims)
+    return torch.tensor([geo.ascending, geo.order], dtype=torch.int32, device=device)
 
 
 def prefix_norms_cuda(x: torch.Tensor, dims) -> torch.Tensor:

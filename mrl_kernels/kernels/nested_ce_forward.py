@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import pointer, split_launch_options
+from .._nesting import nesting
 from .indexing import row_offsets
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)); exp2 is the fast hardware unit
@@ -158,9 +158,9 @@ class ChunkPlan:
 
 
 def chunk_plan(dims, shared: bool, block_k: int, device) -> ChunkPlan:
-    order = sorted(range(len(dims)), key=lambda j: dims[j])
-    offsets = [sum(dims[:j]) for j in range(len(dims))]
-    heads = [(dims[j], offsets[j], j) for j in order]
+    geo = nesting(dims)
+    order = geo.order
+    heads = [(dims[j], geo.offsets[j], j) for j in order]
     k_end = max(dims)
     # Whole tiles start past the last boundary that is not a tile multiple.
     ragged = [m for m in dims if m % block_k]
@@ -226,7 +226,7 @@ def lse_partials(x, w, bias, target, dims, shared, label_smoothing, splits=None)
 
 def nested_ce_forward_triton(x, w, bias, target, dims, shared, ignore_index, label_smoothing, splits=None):
     """(per-row losses, LSEs), [N, len(dims)] fp32, columns in the caller's order; ignored rows have loss 0.
-    Layout of w / bias as in ops/cross_entropy.py."""
+    Layout of w / bias as in ops/nested_ce.py."""
     x, w = x.contiguous(), w.contiguous()
     run_max, run_sum, tgt_logit, logit_sum = lse_partials(x, w, bias, target, dims, shared, label_smoothing,
                                                           splits).unbind(1)
@@ -244,6 +244,8 @@ AOT_DIMS = {"paper": (8, 16, 32, 64, 128, 256, 512, 1024, 2048), "odd": (17, 3, 
 
 def aot_launches(backward: bool = False):
     """(label, dtype, constexprs, options) for the AOT check."""
+    from .aot import split_launch_options  # the compiler module: imported by the AOT check only, not by a launch
+
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for label, dims in AOT_DIMS.items():
             if label == "paper" or dtype == torch.bfloat16:
@@ -256,6 +258,8 @@ def aot_launches(backward: bool = False):
 
 
 def aot_specs():
+    from .aot import pointer
+
     for label, dtype, constexprs, options in aot_launches():
         constexprs = dict(constexprs, SMOOTHING=True)
         signature = {"X": pointer(dtype), "W": pointer(dtype), "BIAS": pointer(dtype), "TARGET": "*i64",

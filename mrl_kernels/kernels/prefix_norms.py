@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import pointer
+from .._nesting import nesting
 from .indexing import row_offsets
 
 
@@ -43,9 +43,9 @@ def launch_config(dtype: torch.dtype, dims) -> dict:
 
 
 def kernel_args(dims):
-    """The constexpr tuples for a dims list in the caller's order."""
-    order = sorted(range(len(dims)), key=lambda j: dims[j])
-    return tuple(dims[j] for j in order), tuple(order)
+    """The constexpr tuples (NEST, OUT_COL) for a dims list in the caller's order."""
+    geo = nesting(dims)
+    return geo.ascending, geo.order
 
 
 def prefix_norms_triton(x: torch.Tensor, dims, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,6 +64,8 @@ def prefix_norms_triton(x: torch.Tensor, dims, out: torch.Tensor | None = None) 
 def aot_specs():
     """The launches to compile ahead of time: every dtype, at the paper's dims and at odd ones, with
     32-bit and 64-bit integer arguments (Triton specializes an int to i64 once it passes 2**31)."""
+    from .aot import pointer  # the compiler module: imported by the AOT check only, not by a launch
+
     dim_sets = {"paper": (8, 16, 32, 64, 128, 256, 512, 1024, 2048), "odd": (17, 3, 100), "one": (1,)}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for label, dims in dim_sets.items():

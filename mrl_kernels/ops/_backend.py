@@ -1,12 +1,15 @@
 """Backend choice. Every op names the backends it implements; "auto" picks the fastest of those
-that can run on the input's device; an explicit choice that cannot run says why."""
+that can run on the input's device (an op may refine that by shape first); an explicit choice that cannot run
+says why. "torch" is an op's chunked fallback (ops/<op>_torch.py), "eager" the plain per-dim loop of torch
+ops with autograd through torch (fastest for small inputs), "reference" the test oracle
+(mrl_kernels.reference)."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
+BACKENDS = ("auto", "triton", "cuda", "torch", "eager", "reference")
 
 
 def triton_interpreter_on() -> bool:
@@ -20,7 +23,7 @@ def cupy_available() -> bool:
 
 
 def resolve_backend(op: str, backend, device: torch.device, implemented: tuple[str, ...]) -> str:
-    """`implemented` lists the op's backends, fastest first ("reference" always last)."""
+    """`implemented` lists the op's backends in the order "auto" tries them ("reference" always last)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":

@@ -1,6 +1,7 @@
 """Input checks shared by the ops. Every check raises before any kernel runs and names the argument."""
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -42,16 +43,49 @@ def check_int(value, name: str, low: int, high: int | None = None) -> int:
     return value
 
 
-def check_dims(dims, full_dim: int, name: str = "dims") -> tuple[int, ...]:
-    """Nesting dims: a non-empty sequence of unique ints in [1, full_dim], any order."""
-    if isinstance(dims, torch.Tensor):
+def check_dims(dims, full_dim: int | None, name: str = "dims") -> tuple[int, ...]:
+    """Nesting dims: a non-empty 1-D sequence, array or tensor of unique ints in [1, full_dim] (>= 1 when
+    full_dim is None), any order."""
+    if type(dims) in (tuple, list) and dims and all(type(m) is int for m in dims):
+        # The usual case, cached: training repeats it (torch.compile traces the check instead).
+        check = _checked_int_dims.__wrapped__ if torch.compiler.is_compiling() else _checked_int_dims
+        return check(tuple(dims), full_dim, name)
+    if isinstance(dims, torch.Tensor) or _is_array(dims):
+        kind = "tensor" if isinstance(dims, torch.Tensor) else "NumPy array"
+        if dims.ndim != 1:
+            raise TypeError(f"{name} must be a 1-D sequence of ints, got a {dims.ndim}-D {kind}")
+        if _is_bool_or_float(dims.dtype):
+            raise TypeError(f"{name} must hold ints, got a {kind} of dtype {dims.dtype}")
         dims = dims.tolist()
+    return _check_dims_one_by_one(dims, full_dim, name)
+
+
+def _check_dims_one_by_one(dims, full_dim: int | None, name: str) -> tuple[int, ...]:
     if not isinstance(dims, Sequence) or isinstance(dims, str) or len(dims) == 0:
         raise TypeError(f"{name} must be a non-empty sequence of ints, got {dims!r}")
     out = tuple(check_int(m, f"{name}[{j}]", 1, full_dim) for j, m in enumerate(dims))
     if len(set(out)) != len(out):
         raise ValueError(f"{name} has repeated entries: {list(out)}")
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_int_dims(dims: tuple[int, ...], full_dim: int | None, name: str) -> tuple[int, ...]:
+    if not (1 <= min(dims) and (full_dim is None or max(dims) <= full_dim) and len(set(dims)) == len(dims)):
+        return _check_dims_one_by_one(dims, full_dim, name)  # raises, with the message that names the entry
+    return dims
+
+
+def _is_array(value) -> bool:
+    """A numpy array (or anything else with the array protocol's ndim, dtype and tolist), without importing
+    numpy."""
+    return all(hasattr(value, attr) for attr in ("ndim", "dtype", "tolist", "__array__"))
+
+
+def _is_bool_or_float(dtype) -> bool:
+    if isinstance(dtype, torch.dtype):
+        return dtype == torch.bool or dtype.is_floating_point or dtype.is_complex
+    return getattr(dtype, "kind", "i") in "bfc"  # numpy: bool, float, complex
 
 
 def check_choice(value, name: str, choices: Sequence[str]) -> str:
@@ -106,10 +140,17 @@ def check_labels(labels, name: str, n: int, n_classes: int, like: torch.Tensor, 
     if labels.shape[0] != n:
         raise ValueError(f"{name} must have shape [{n}], got {tuple(labels.shape)}")
     check_like(labels, name, like, like_name, dtype=False)
+    if not torch.compiler.is_compiling():
+        # One reduction and one read-back (one device sync) settle the usual case, every label a class; only
+        # a batch with ignored rows or a bad label pays for the elementwise check below.
+        low, high = torch.aminmax(labels)
+        low, high = (low.item(), high.item()) if labels.is_cpu else torch.stack((low, high)).tolist()
+        if 0 <= low and high < n_classes:
+            return labels.long()
+    allowed = f"[0, {n_classes})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
     valid = (labels >= 0) & (labels < n_classes)
     if ignore_index is not None:
         valid |= labels == ignore_index
-    allowed = f"[0, {n_classes})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
     if not _holds(valid.all(), f"{name} has entries outside {allowed}"):
         raise ValueError(f"{name} has entry {labels[~valid][0].item()} outside {allowed}")
     return labels.long()

@@ -6,7 +6,7 @@ segment (one full-D matmul for all dims instead of sum_j m_j), and backward form
 G_s = sum_{j>=s} D_j as suffix sums, so dx and dW cost one full-D matmul each. Nothing of size
 [N, C] outlives a chunk.
 
-Shared layout with the Triton kernels (see ops/cross_entropy.py): `w` is the shared [C, D] head, or the
+Shared layout with the Triton kernels (see ops/nested_ce.py): `w` is the shared [C, D] head, or the
 per-dim heads concatenated along columns in the caller's dims order; `bias` is None, [1, C] (shared)
 or [len(dims), C] (one row per dim, caller's order). Per-row losses and LSEs are [N, len(dims)],
 columns in the caller's order.
@@ -17,25 +17,14 @@ import functools
 
 import torch
 
-from .prefix_norms import segments
+from .._nesting import acc_dtype, nesting
 
-# Bytes of fp32 logits a chunk may hold across all dims: bounds peak extra memory. On a GPU each chunk costs
-# a few hundred kernel launches, so chunks are large there (small ones made the path launch-bound).
+# Bytes of fp32 logits a chunk may hold across all dims: bounds the path's peak extra memory (the chunk's
+# logits and their gradient). CPU: 8 MB, of the order of a CPU's last-level cache, and still 2M logits per
+# chunk, so per-chunk op overhead is small next to the chunk's matmuls. GPU: each chunk costs a few hundred
+# kernel launches, so chunks are large there (small ones made the path launch-bound); 2 GB is a few percent
+# of the memory of the GPUs the library targets.
 CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 2 * 2**30}
-
-
-def head_offsets(dims) -> list[int]:
-    """First column of each dim's head in the concatenated per-dim weight."""
-    offsets, total = [], 0
-    for m in dims:
-        offsets.append(total)
-        total += m
-    return offsets
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Logits and gradients accumulate in fp32 (fp64 for fp64 inputs)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def row_chunk(n_classes: int, n_dims: int, device: torch.device) -> int:
@@ -44,17 +33,16 @@ def row_chunk(n_classes: int, n_dims: int, device: torch.device) -> int:
 
 def boundary_logits(x, w, bias, dims, shared: bool):
     """Yields (j, fp32 logits of dims[j]) for the dims in ascending order; j is the caller's index."""
-    segs, order = segments(dims)
+    geo = nesting(dims)
     if shared:
         z = None
-        for (a, b), j in zip(segs, order):
+        for (a, b), j in zip(geo.segments, geo.order):
             part = x[:, a:b] @ w[:, a:b].T
             z = part if z is None else z + part
             yield j, z if bias is None else z + bias[0]
     else:
-        offsets = head_offsets(dims)
-        for j in order:
-            z = x[:, :dims[j]] @ w[:, offsets[j]:offsets[j] + dims[j]].T
+        for j in geo.order:
+            z = x[:, :dims[j]] @ w[:, geo.offsets[j]:geo.offsets[j] + dims[j]].T
             yield j, z if bias is None else z + bias[j]
 
 
@@ -85,8 +73,7 @@ def _chunk_grads(xc, wf, logits: dict, lse, coef, tgt, dims, shared, label_smoot
     """Adds one chunk's gradients to dxc (its rows of dx, zeros), dw and db (None without bias). Consumes
     `logits`, which hold logits (turned into probabilities with `lse`) or, where lse is None, probabilities."""
     n_classes = wf.shape[0]
-    segs, order = segments(dims)
-    offsets = head_offsets(dims)
+    geo = nesting(dims)
 
     def d_logits(j):
         # d loss_j / d logits_j = softmax - (1 - eps) onehot - eps / C, scaled by the row's coefficient
@@ -100,15 +87,15 @@ def _chunk_grads(xc, wf, logits: dict, lse, coef, tgt, dims, shared, label_smoot
 
     if shared:
         grad = None
-        for (a, b), j in reversed(list(zip(segs, order))):
+        for (a, b), j in reversed(list(zip(geo.segments, geo.order))):
             grad = d_logits(j) if grad is None else grad.add_(d_logits(j))  # G_s = sum_{j >= s} D_j
             dxc[:, a:b] = grad @ wf[:, a:b]
             dw[:, a:b].addmm_(grad.T, xc[:, a:b])
         if db is not None:
             db[0] += grad.sum(0)
     else:
-        for j in order:
-            d, m, o = d_logits(j), dims[j], offsets[j]
+        for j in geo.order:
+            d, m, o = d_logits(j), dims[j], geo.offsets[j]
             dxc[:, :m].addmm_(d, wf[:, o:o + m])
             dw[:, o:o + m].addmm_(d.T, xc[:, :m])
             if db is not None:

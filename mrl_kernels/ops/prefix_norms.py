@@ -4,55 +4,52 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from .._nesting import acc_dtype
 from ._backend import resolve_backend
 from ._validation import check_dims, check_tensor
+from .prefix_norms_torch import prefix_norms_backward, prefix_norms_eager, prefix_norms_torch
 
-IMPLEMENTED = ("triton", "cuda", "torch", "reference")
-# Rows per chunk in the torch fallback: bounds its fp32 temporary to ROW_CHUNK * D elements.
-ROW_CHUNK = 4096
+IMPLEMENTED = ("triton", "cuda", "torch", "eager", "reference")
+# "auto" on the CPU: the chunked fallback for wide, large inputs (x[:, :max(dims)] of at least FALLBACK_MIN_COLS
+# columns and FALLBACK_MIN_ELEMENTS elements), the eager loop (one vector_norm per dim) otherwise. The fallback
+# reads x[:, :max(dims)] once where the loop reads sum_j m_j columns (about twice as many for doubling dims),
+# but it pays a few extra ops per call and reduces each segment separately, which is slow per element for
+# narrow segments (8, 8, 16, ... columns). On this library's 2-core CPU (fp32, forward; measurements:
+# bench/NOTES.md) the fallback took 0.66-0.94 of the loop's time from D = 256 and N * D = 2**20 on (0.66 at
+# N = 65,536, D = 2048), and 1.03-1.28 below that or at D = 64, where the eager loop took 0.94-0.99. Both
+# bound memory: vector_norm(dtype=float32) upcasts 16-bit rows on the fly, with no fp32 copy of x.
+FALLBACK_MIN_COLS = 256
+FALLBACK_MIN_ELEMENTS = 1 << 20
 
 
 def prefix_norms(x: torch.Tensor, dims, backend: str = "auto") -> torch.Tensor:
     """For each row of `x` [N, D] and each m in `dims`, the L2 norm of x[:m]: a [N, len(dims)] tensor,
     columns in the order of `dims`. fp16/bf16 inputs give fp32 norms (accumulated in fp32); fp32 and
-    fp64 inputs give their own dtype. Differentiable with respect to x.
+    fp64 inputs give their own dtype. Differentiable with respect to x. Under autocast the norms are
+    computed as without it (norms are fp32 ops for autocast).
 
-    backend: "auto" (Triton on CUDA tensors, the torch fallback on the CPU), "triton", "cuda" (CuPy),
-    "torch" or "reference".
+    backend: "auto" (Triton on CUDA tensors; on the CPU the chunked fallback for wide, large x, else the eager
+    loop), "triton", "cuda" (CuPy), "torch" (chunked: reads x once whatever the number of dims), "eager" (one
+    torch.linalg.vector_norm per dim, autograd through torch) or "reference".
     """
     check_tensor(x, "x", ndim=2)
     dims = check_dims(dims, x.shape[1])
-    backend = resolve_backend("prefix_norms", backend, x.device, IMPLEMENTED)
+    if backend == "auto" and x.is_cpu:
+        width = max(dims)
+        wide = width >= FALLBACK_MIN_COLS and x.shape[0] * width >= FALLBACK_MIN_ELEMENTS
+        backend = "torch" if wide else "eager"
+    else:
+        backend = resolve_backend("prefix_norms", backend, x.device, IMPLEMENTED)
+    if backend == "eager":
+        return prefix_norms_eager(x, dims)
+    if backend == "reference":
+        return reference.prefix_norms(x, dims).to(acc_dtype(x.dtype))
     if backend in ("triton", "cuda") and x.dtype == torch.float64:
         raise TypeError(f"prefix_norms: backend={backend!r} takes fp32/fp16/bf16 x, got float64; "
                         "use backend='torch'")
-    return _prefix_norms_op(x, list(dims), backend)
-
-
-def out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def segments(dims):
-    """The sorted dims as consecutive [start, end) column segments, plus each segment's output column."""
-    order = sorted(range(len(dims)), key=lambda j: dims[j])
-    bounds = [0] + [dims[j] for j in order]
-    return list(zip(bounds[:-1], bounds[1:])), order
-
-
-def prefix_norms_torch(x: torch.Tensor, dims) -> torch.Tensor:
-    """Each column segment's norm is reduced once (vector_norm needs no temporary for its squares) and
-    the prefixes are a cumsum of squared segment norms; chunks of rows bound the fp32 copies that 16-bit
-    inputs need."""
-    acc = out_dtype(x.dtype)
-    segs, order = segments(dims)
-    out = torch.empty((x.shape[0], len(dims)), dtype=acc, device=x.device)
-    for r in range(0, x.shape[0], ROW_CHUNK):
-        chunk = x[r:r + ROW_CHUNK]
-        seg_sumsq = torch.stack([torch.linalg.vector_norm(chunk[:, a:b], dim=1, dtype=acc) for a, b in segs],
-                                dim=1).square_()
-        out[r:r + ROW_CHUNK, order] = seg_sumsq.cumsum(1).sqrt()
-    return out
+    if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+        return _prefix_norms_op(x, list(dims), backend)  # the custom op: autograd, and opaque to the compiler
+    return _run(x, dims, backend)  # no gradient wanted: no dispatcher round trip
 
 
 def _run(x: torch.Tensor, dims, backend: str) -> torch.Tensor:
@@ -64,9 +61,7 @@ def _run(x: torch.Tensor, dims, backend: str) -> torch.Tensor:
         from ..cuda.prefix_norms import prefix_norms_cuda
 
         return prefix_norms_cuda(_unit_column_stride(x), dims)
-    if backend == "torch":
-        return prefix_norms_torch(x, dims)
-    return reference.prefix_norms(x, dims).to(out_dtype(x.dtype))
+    return prefix_norms_torch(x, dims)
 
 
 def _unit_column_stride(x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +76,7 @@ def _prefix_norms_op(x: torch.Tensor, dims: list[int], backend: str) -> torch.Te
 
 @_prefix_norms_op.register_fake
 def _(x, dims, backend):
-    return x.new_empty((x.shape[0], len(dims)), dtype=out_dtype(x.dtype))
+    return x.new_empty((x.shape[0], len(dims)), dtype=acc_dtype(x.dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -91,18 +86,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    """d||x[:m]||/dx = x / ||x[:m]|| on the first m columns. Column segment s is inside every prefix
-    j >= s, so its gradient is x times the suffix sum over those prefixes of grad_j / norm_j
-    (a zero norm contributes nothing, like torch.linalg.norm's subgradient)."""
     x, norms = ctx.saved_tensors
-    segs, order = segments(ctx.dims)
-    acc = norms.dtype
-    scale = torch.where(norms > 0, grad_out.to(acc) / norms, torch.zeros((), dtype=acc, device=x.device))
-    suffix = scale[:, order].flip(1).cumsum(1).flip(1)  # [N, n_segments], sorted order
-    grad = torch.zeros_like(x)
-    for s, (a, b) in enumerate(segs):
-        grad[:, a:b] = (x[:, a:b].to(acc) * suffix[:, s:s + 1]).to(x.dtype)
-    return grad, None, None
+    return prefix_norms_backward(grad_out, x, norms, ctx.dims), None, None
 
 
 _prefix_norms_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,19 +1,21 @@
 """mk.matryoshka_linear_cross_entropy: the sum of the cross-entropy losses of every nesting dim."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Optional
 
 import torch
 
 from .. import reference
+from .._nesting import acc_dtype
 from ._backend import resolve_backend
-from .nested_ce_torch import (acc_dtype, nested_ce_backward_torch, nested_ce_forward_torch,
-                              nested_ce_with_grads_torch)
 from ._validation import (REDUCTIONS, check_choice, check_dim_weights, check_dims, check_finite, check_int,
                           check_labels, check_like, check_tensor)
+from .nested_ce_eager import nested_ce_eager
+from .nested_ce_torch import nested_ce_backward_torch, nested_ce_forward_torch, nested_ce_with_grads_torch
 
-IMPLEMENTED = ("triton", "torch", "reference")
+IMPLEMENTED = ("triton", "torch", "eager", "reference")
 
 
 def matryoshka_linear_cross_entropy(features, weight, target, dims, bias=None, dim_weights=None,
@@ -28,6 +30,15 @@ def matryoshka_linear_cross_entropy(features, weight, target, dims, bias=None, d
     `label_smoothing`); reduction="none" gives the [N] per-row weighted sums. With return_per_dim=True
     the result is (loss, per_dim): the detached, unweighted per-dim losses ([len(dims)], or
     [N, len(dims)] for reduction="none") in the order of `dims`.
+
+    Under autocast the op behaves like F.linear followed by F.cross_entropy: the matmuls run in the
+    autocast dtype and the loss comes out in float32; gradients reach the leaves in their own dtype.
+
+    backend: "auto" (on the CPU: "eager" for small inputs, "torch" for the rest; on a GPU: "eager" for
+    training steps whose logits fit, "triton" for the rest), "triton" (fused kernels: no logits in memory),
+    "torch" (chunked fallback: memory bounded by its chunk size, one full-D matmul for all dims), "eager"
+    (the per-dim loop: one linear map + F.cross_entropy per dim, autograd through torch, every dim's logits
+    kept for backward; see ops/nested_ce_eager.py) or "reference" (mrl_kernels.reference, the test oracle).
     """
     check_tensor(features, "features", ndim=2)
     n_rows, full_dim = features.shape
@@ -40,58 +51,87 @@ def matryoshka_linear_cross_entropy(features, weight, target, dims, bias=None, d
     dim_weights = check_dim_weights(dim_weights, len(dims))
     label_smoothing = check_finite(label_smoothing, "label_smoothing", low=0.0, high=1.0)
     check_choice(reduction, "reduction", REDUCTIONS)
-    requested = backend
-    backend = resolve_backend("matryoshka_linear_cross_entropy", backend, features.device, IMPLEMENTED)
-    if requested == "auto" and backend == "triton":
-        backend = _auto_cuda_backend(features, weight, target, dims, bias)
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(features, weight, bias))
+    if backend == "auto":
+        backend = _auto_backend(features.device, n_rows, n_classes, dims, wants_grad)
+    else:
+        backend = resolve_backend("matryoshka_linear_cross_entropy", backend, features.device, IMPLEMENTED)
     if backend == "reference":
         return reference.nested_cross_entropy(features, weight if shared else list(weight), target, dims,
                                               bias=bias if bias is None or shared else list(bias),
                                               dim_weights=dim_weights, ignore_index=ignore_index,
                                               label_smoothing=label_smoothing, reduction=reduction,
                                               return_per_dim=return_per_dim)
-    features, w, b = _fused_head(features, weight, bias, dims, shared)
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (features, w, b))
-    if backend == "torch" and reduction != "none" and wants_grad:
-        total, per_dim = _nested_ce_with_grads_op(features, w, b, target, list(dims), shared, ignore_index,
-                                                  label_smoothing, list(dim_weights), reduction == "mean")[:2]
-        total = total.to(features.dtype)
-        return (total, per_dim) if return_per_dim else total
-    losses = _nested_ce_rows(features, w, b, target, list(dims), shared, ignore_index, label_smoothing, backend)
-    if reduction == "mean":
-        # Like F.cross_entropy: divide by the non-ignored rows (0/0 = NaN when every row is ignored).
-        per_dim = losses.sum(0) / (target != ignore_index).sum()
-    else:
-        per_dim = losses.sum(0) if reduction == "sum" else losses
-    total = per_dim @ torch.tensor(dim_weights, dtype=per_dim.dtype, device=per_dim.device)
-    total = total.to(features.dtype)
+    if backend == "eager":
+        total, per_dim = nested_ce_eager(features, weight, target, dims, bias, dim_weights, ignore_index,
+                                         label_smoothing, reduction)
+        return (total, per_dim.detach()) if return_per_dim else total
+    device = features.device.type
+    autocast = torch.is_autocast_enabled(device) and features.dtype != torch.float64
+    # The loss's dtype is what F.cross_entropy gives: float32 under autocast, else the features' dtype.
+    out_dtype = torch.float32 if autocast else features.dtype
+    features, w, b = _fused_head(features, weight, bias, shared, autocast)
+    with _without_autocast(device):
+        if backend == "torch" and reduction != "none" and wants_grad:
+            total, per_dim = _nested_ce_with_grads(features, w, b, target, list(dims), shared, ignore_index,
+                                                   label_smoothing, list(dim_weights), reduction == "mean")
+        else:
+            losses = _nested_ce_rows(features, w, b, target, list(dims), shared, ignore_index, label_smoothing,
+                                     backend, wants_grad)
+            if reduction == "mean":
+                # Like F.cross_entropy: divide by the non-ignored rows (0/0 = NaN when every row is ignored).
+                per_dim = losses.sum(0) / (target != ignore_index).sum()
+            else:
+                per_dim = losses.sum(0) if reduction == "sum" else losses
+            total = per_dim @ torch.tensor(dim_weights, dtype=per_dim.dtype, device=per_dim.device)
+    total = total.to(out_dtype)
     return (total, per_dim.detach()) if return_per_dim else total
 
 
-# Above this the eager loop's per-dim logits (with their softmax and gradient, fp32) are not worth holding.
+def _tensors(features, weight, bias) -> list:
+    as_list = lambda t: list(t) if isinstance(t, (list, tuple)) else [t]  # noqa: E731
+    return [t for t in (features, *as_list(weight), *as_list(bias)) if t is not None]
+
+
+# "auto" on the CPU: the eager backend while len(dims) * N * C (the logits it keeps for backward) is at most
+# this, the chunked torch fallback above. The eager backend runs a few small torch ops per dim with autograd
+# through torch; the fallback pays a fixed ~0.3 ms of its own ops and dispatch per call but builds no autograd
+# graph and keeps no logits, so it wins once the logits are large. On this library's 2-core CPU (fp32,
+# fwd+bwd, the small-shape grid N 64..4096 x D 16..512 x C 10..1000), below 2**22 logits the eager backend
+# took 0.5-0.96 of the eager loop's time from D = 128 on and within a few percent of it at D = 16 (the same
+# ops: no fewer to cut there), while the fallback was up to 1.9x slower than the loop at small N; above, the
+# fallback was the one that beat the loop everywhere (N = 4096, D = 16, C = 1000: 0.80 of
+# the loop's time, the eager backend 1.02) (measurements: bench/NOTES.md). The bound also caps the eager
+# backend's memory at about 32 MB of fp32 logits and as much of log-probabilities. Below the bound, heads of at
+# most FALLBACK_MAX_CLASSES classes go to the fallback too once N * sum(dims) reaches FALLBACK_MIN_FEATURES:
+# there torch's log-softmax over so few classes is slow per row and the eager backend runs it in forward and
+# backward for every dim, while the fallback's time is in its matmuls (N = 4096, C = 10: 0.55-0.77 of the
+# loop's time against 0.65-0.89 for the eager backend at D = 128 and 512; N = 1024, D = 512, C = 10: 0.72
+# against 0.79; below N * sum(dims) = 2**20 the two were within 3%).
+EAGER_CPU_LOGITS = 1 << 22
+FALLBACK_MAX_CLASSES, FALLBACK_MIN_FEATURES = 16, 1 << 20
+# "auto" on a GPU: training steps go to the eager loop while its per-dim logits, softmax and gradient
+# (3 fp32 [N, C] per dim) take at most this: the Triton backward is still slower than the loop's cuBLAS
+# matmuls where the logits fit (measurements: bench/NOTES.md). 8 GiB is a fifth of the smallest GPU the
+# library targets (A100 40 GB), leaving the rest to the model. Past it, and for forward-only calls, Triton,
+# which builds no logits.
 EAGER_AUTO_BYTES = 8 * 2**30
 
 
-def _auto_cuda_backend(features, weight, target, dims, bias) -> str:
-    """What "auto" runs on a GPU, from the H200 measurements in bench/results/nvidia-h200*/nested_ce.md:
-    the Triton forward builds no logits and beats the eager loop from C = 21,841 up, but the Triton backward
-    is still 5-8x slower than the eager loop's. So training steps that fit go to the eager loop, the rest
-    (forward only, or logits too large to hold) to Triton."""
-    as_list = lambda t: list(t) if isinstance(t, (list, tuple)) else [t]  # noqa: E731
-    params = [t for t in (features, *as_list(weight), *as_list(bias)) if t is not None]
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
-    n_classes = weight.shape[0] if isinstance(weight, torch.Tensor) else weight[0].shape[0]
-    eager_bytes = 3 * 4 * features.shape[0] * n_classes * len(dims)
-    return "reference" if wants_grad and eager_bytes <= EAGER_AUTO_BYTES else "triton"
+def _auto_backend(device: torch.device, n_rows: int, n_classes: int, dims, wants_grad: bool) -> str:
+    logits = n_rows * n_classes * len(dims)
+    if device.type == "cuda":
+        return "eager" if wants_grad and 3 * 4 * logits <= EAGER_AUTO_BYTES else "triton"
+    small_head = n_classes <= FALLBACK_MAX_CLASSES and n_rows * sum(dims) >= FALLBACK_MIN_FEATURES
+    return "eager" if logits <= EAGER_CPU_LOGITS and not small_head else "torch"
 
 
-def _fused_head(features, weight, bias, dims, shared):
+def _fused_head(features, weight, bias, shared: bool, autocast: bool):
     """The layout the fused backends take: one weight matrix (the shared head, or the per-dim heads
     concatenated along columns) and a bias of one row per head ([1, C] shared, [len(dims), C] per dim)
-    or None; all cast to the autocast dtype where autocast is on, as F.linear would be."""
-    device = features.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
+    or None; all cast to the autocast dtype where autocast is on, as F.linear would cast them."""
+    if autocast:
+        dtype = torch.get_autocast_dtype(features.device.type)
         cast = lambda t: t.to(dtype)  # noqa: E731
     else:
         cast = lambda t: t  # noqa: E731
@@ -102,6 +142,14 @@ def _fused_head(features, weight, bias, dims, shared):
         return cast(features), w, None
     rows = [torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else cast(b) for b in bias]
     return cast(features), w, torch.stack(rows)
+
+
+def _without_autocast(device_type: str):
+    """The fused paths get their inputs already in the autocast dtype and accumulate in fp32 themselves:
+    autocast must not re-cast their internal products (nor the backward's, wherever backward is called)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _check_weight(weight, features, dims) -> int:
@@ -155,7 +203,8 @@ def _nested_ce_rows_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Te
                        dims: list[int], shared: bool, ignore_index: int, label_smoothing: float,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses and LSEs [N, len(dims)] (fp32; fp64 for fp64 inputs). The LSEs are saved for backward."""
-    return _forward(x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend)
+    with _without_autocast(x.device.type):
+        return _forward(x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend)
 
 
 @_nested_ce_rows_op.register_fake
@@ -171,11 +220,12 @@ def _nested_ce_backward_op(grad_losses: torch.Tensor, x: torch.Tensor, w: torch.
                            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw, db); db is empty when there is no bias."""
     args = (grad_losses, x, w, bias, target, lse, dims, shared, ignore_index, label_smoothing)
-    if backend == "triton":
-        from ..kernels.nested_ce_backward import nested_ce_backward_triton
+    with _without_autocast(x.device.type):
+        if backend == "triton":
+            from ..kernels.nested_ce_backward import nested_ce_backward_triton
 
-        return nested_ce_backward_triton(*args)
-    return nested_ce_backward_torch(*args)
+            return nested_ce_backward_triton(*args)
+        return nested_ce_backward_torch(*args)
 
 
 @_nested_ce_backward_op.register_fake
@@ -199,8 +249,13 @@ def _backward(ctx, grad_losses, _grad_lse):
 _nested_ce_rows_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _nested_ce_rows(x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend):
-    return _nested_ce_rows_op(x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend)[0]
+def _nested_ce_rows(x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend, wants_grad):
+    """Per-row losses [N, len(dims)]. Through the custom op where autograd or torch.compile needs it; a
+    forward-only eager call runs the implementation directly (the dispatcher round trip costs more than a
+    small forward)."""
+    if wants_grad or torch.compiler.is_compiling():
+        return _nested_ce_rows_op(x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend)[0]
+    return _forward(x, w, bias, target, dims, shared, ignore_index, label_smoothing, backend)[0]
 
 
 @torch.library.custom_op("mrl_kernels::nested_ce_with_grads", mutates_args=())
@@ -210,9 +265,16 @@ def _nested_ce_with_grads_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[to
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A scalar loss whose gradients are computed in the same pass (torch fallback): (total, per-dim losses,
     dx, dw, db) for a unit upstream gradient; backward only scales them."""
-    per_dim, dx, dw, db = nested_ce_with_grads_torch(x, w, bias, target, dims, shared, ignore_index,
-                                                     label_smoothing, dim_weights, mean)
-    return per_dim @ torch.tensor(dim_weights, dtype=per_dim.dtype, device=per_dim.device), per_dim, dx, dw, db
+    with _without_autocast(x.device.type):
+        per_dim, dx, dw, db = nested_ce_with_grads_torch(x, w, bias, target, dims, shared, ignore_index,
+                                                         label_smoothing, dim_weights, mean)
+        total = per_dim @ torch.tensor(dim_weights, dtype=per_dim.dtype, device=per_dim.device)
+    return total, per_dim, dx, dw, db
+
+
+def _nested_ce_with_grads(*args):
+    """(total, per-dim losses) of the op above."""
+    return _nested_ce_with_grads_op(*args)[:2]
 
 
 @_nested_ce_with_grads_op.register_fake
