@@ -1,5 +1,7 @@
 """Truncated-dimension search: the chunked torch backend against a float64 brute force, rerank /
 funnel / adaptive against their reference definitions. (Bad inputs: test_validation.py.)"""
+import itertools
+
 import pytest
 import torch
 
@@ -90,15 +92,19 @@ def test_prefix_topk_torch_single_query(small_chunks, metric, dtype):
 def test_direct_path_for_small_score_matrices(monkeypatch, metric, dtype):
     """Up to DIRECT_BYTES, prefix_topk_torch scores the whole [Q, N] matrix at once (no chunk
     machinery): exact like the chunked path, on strided and full-width inputs, NaN rows first, and no
-    gradient to the scores."""
+    gradient to the scores. Cosine scales the rows (Q > dim) or the scores (Q <= dim), of the strided
+    prefix or (past CPU_COPY_SPAN bytes) of a contiguous copy: every combination is run."""
     calls = []
     chunked = search_torch._prefix_topk_chunked
     monkeypatch.setattr(search_torch, "_prefix_topk_chunked", lambda *a: calls.append(1) or chunked(*a))
     assert 8 * N * max(Q, D) <= search_torch.DIRECT_BYTES
-    queries, database = make_data(dtype=dtype, seed=4)
+    queries_all, database = make_data(dtype=dtype, seed=4)
     database[100, 2] = float("nan")
     tol = 1e-12 if dtype == torch.float64 else 1e-5
-    for k, dim in ((1, 3), (7, 16), (200, None), (N, D)):
+    cases = [(1, 3), (7, 16), (200, None), (N, D)]
+    for (k, dim), n_q, copy_past in itertools.product(cases, (Q, 2), (search_torch.CPU_COPY_SPAN, 0)):
+        monkeypatch.setattr(search_torch, "CPU_COPY_SPAN", copy_past)
+        queries = queries_all[:n_q]
         scores, ids = mk.prefix_topk(queries, database, k, dim=dim, metric=metric)
         assert torch.isnan(scores[:, 0]).all() and (ids[:, 0] == 100).all()
         clean = database.clone()
@@ -109,9 +115,26 @@ def test_direct_path_for_small_score_matrices(monkeypatch, metric, dtype):
             m.setattr(search_torch, "DIRECT_BYTES", 0)
             want = mk.prefix_topk(queries, clean, k, dim=dim, metric=metric)
         torch.testing.assert_close(scores, want[0], rtol=tol, atol=tol)
-    assert len(calls) == 4  # only the forced comparisons took the chunked path
-    grad = mk.prefix_topk(queries.float().requires_grad_(), database.float(), 3, metric=metric)[0]
+    assert len(calls) == 4 * len(cases)  # only the forced comparisons took the chunked path
+    grad = mk.prefix_topk(queries_all.float().requires_grad_(), database.float(), 3, metric=metric)[0]
     assert not grad.requires_grad
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "chunked"])
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
+def test_inputs_are_never_modified(monkeypatch, direct, dtype):
+    """Cosine scales the database rows in place only in a copy of its own (16-bit upcast, a copied strided
+    prefix, the chunk buffer): the caller's queries and database come back bit for bit, on every path."""
+    if not direct:
+        monkeypatch.setattr(search_torch, "DIRECT_BYTES", 0)
+    queries, database = make_data(dtype=dtype, seed=8)
+    for copy_past in (search_torch.CPU_COPY_SPAN, 0):
+        monkeypatch.setattr(search_torch, "CPU_COPY_SPAN", copy_past)
+        for metric, n_q, dim in itertools.product(METRICS, (Q, 2), (3, D)):
+            q, db = queries[:n_q].clone(), database.clone()
+            mk.prefix_topk(q, db, 5, dim=dim, metric=metric)
+            mk.rerank(q, db, torch.zeros(n_q, 6, dtype=torch.int64), 5, dim=dim, metric=metric)
+            assert torch.equal(q, queries[:n_q]) and torch.equal(db, database), (metric, n_q, dim)
 
 
 @pytest.mark.parametrize("cpu", [False, True])

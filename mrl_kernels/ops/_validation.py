@@ -34,6 +34,8 @@ def check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, dty
 
 
 def check_int(value, name: str, low: int, high: int | None = None) -> int:
+    if type(value) is int and low <= value and (high is None or value <= high):
+        return value  # the usual case, without the ABC check below (a visible cost in a small search)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     value = int(value)

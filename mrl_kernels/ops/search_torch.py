@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor
 
+from .._nesting import acc_dtype
+
 # Budget for the per-step temporaries (a score chunk, a fp32 copy of a database chunk, a batch of
 # gathered candidate rows). The running best and the outputs ([Q, k]) are on top of it. 64 MB: each step
 # then scores millions of pairs, so its matmul dwarfs the step's fixed cost, while the search needs only
@@ -32,6 +34,13 @@ LONG_ROW_K, LONG_ROWS = 32, 131072
 # pay per-block call overhead, much larger ones stream the chunk from memory once per batch.
 # Measurements: bench/NOTES.md.
 CPU_BLOCK = 1 << 20
+# A strided prefix that spans more memory than the CPU's last-level cache is copied before it is scored:
+# read row by row with a stride of D values, it defeats the prefetchers, and torch's matmul and row norms on
+# it slow down several times (N = 100,000, d = 64 of D = 256 fp32 (a 100 MB span), 2 threads: norms 5.9 ms
+# strided vs 1.7 ms to copy + 0.45 ms on the copy; the Q = 1 matmul 5.1 vs 0.76 ms). Within the cache the
+# strided view is as fast as a copy and the copy is pure cost. 32 MB: the L3 of the benchmark machine (a
+# 2-core EPYC), also typical of a server's L3 per core complex. Measurements: bench/NOTES.md.
+CPU_COPY_SPAN = 32 << 20
 # The direct path: a search whose [Q, N] scores (and, for 16-bit storage, the fp32 copy of the [N, dim]
 # prefix) take at most DIRECT_BYTES is one matmul and one top-k over the whole score matrix, as the eager
 # loop does, without the chunk machinery (buffers, per-block top-k and merge, a final sort), whose fixed
@@ -44,11 +53,6 @@ DIRECT_BYTES = SCORE_CHUNK_BYTES
 # grouped_topk from this k on, for rows at least this many times k (more than its group size: it needs
 # k whole groups).
 GROUPED_K, GROUPED_ROWS_PER_K = 64, 256
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Scores are fp64 for fp64 inputs, fp32 otherwise (16-bit inputs accumulate in fp32)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def blocks(n_queries: int, n_rows: int, dim: int, k: int, elem_bytes: int, cpu: bool = False) -> tuple[int, int]:
@@ -126,6 +130,16 @@ def _row_scale(x: Tensor, metric: str, dim: int) -> Tensor | None:
     return x.square().sum(dim) if metric == "l2" else None
 
 
+def _scaled_rows(x: Tensor, metric: str, n_queries: int, owned: bool) -> tuple[Tensor, Tensor | None]:
+    """(rows to score, what _orient_ then needs of them: None when nothing). For cosine the rows' norms divide
+    either the Q x N scores or, when there are more queries than dims, the N x dim rows themselves (unit
+    rows, as the eager loop makes them: the cheaper of the two passes); in place when x is a copy of ours."""
+    x_scale = _row_scale(x, metric, 1)
+    if metric == "cosine" and n_queries > x.shape[1]:
+        return (x.div_(x_scale[:, None]) if owned else x / x_scale[:, None]), None
+    return x, x_scale
+
+
 def _merge(best: tuple[Tensor, Tensor] | None, s: Tensor, i: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The best k of the running best (None before the first chunk) and a chunk's candidates."""
     if best is not None:
@@ -158,10 +172,14 @@ def _prefix_topk_direct(queries: Tensor, database: Tensor, k: int, dim: int, met
     acc = acc_dtype(database.dtype)
     q, q_sq = _prepared_queries(queries, dim, acc, metric)
     x = database if database.shape[1] == dim else database[:, :dim]  # a strided view: mm reads it in place
-    x = x if x.dtype == acc else x.to(acc)  # 16-bit storage: an upcast copy, [N, dim]
+    owned = x.dtype != acc or (x.is_cpu and not x.is_contiguous()
+                               and x.shape[0] * x.stride(0) * x.element_size() > CPU_COPY_SPAN)
+    if owned:
+        x = x.to(acc).contiguous()  # a new tensor either way: an upcast of 16-bit storage, or see CPU_COPY_SPAN
+    x, x_scale = _scaled_rows(x, metric, q.shape[0], owned)
     s = torch.mm(q, x.T)
-    if metric != "ip":
-        _orient_(s, metric, q_sq, _row_scale(x, metric, 1))
+    if x_scale is not None:
+        _orient_(s, metric, q_sq, x_scale)
     top, ids = torch.topk(s, k, dim=1, sorted=True)
     return _unorient(top, metric), ids
 
@@ -171,7 +189,7 @@ def prefix_topk_torch(queries: Tensor, database: Tensor, k: int, dim: int, metri
     (scores [Q, k] fp32 (fp64 for fp64 inputs), ids [Q, k] int64). No gradient flows to the scores.
     Up to DIRECT_BYTES the score matrix is computed whole (_prefix_topk_direct), past it in blocks
     (_prefix_topk_chunked)."""
-    elem = 8 if database.dtype == torch.float64 else 4  # bytes of a score (acc_dtype)
+    elem = acc_dtype(database.dtype).itemsize  # bytes of a score
     n = database.shape[0]
     upcast = database.element_size() < elem  # 16-bit storage: the direct path copies the prefix to fp32
     if elem * n * max(queries.shape[0], dim if upcast else 0) <= DIRECT_BYTES:
@@ -201,12 +219,13 @@ def _prefix_topk_chunked(queries: Tensor, database: Tensor, k: int, dim: int, me
     for r0 in range(0, n, nc):
         chunk = prefix[r0:r0 + nc]
         x = chunk if in_place else chunk_buf[:chunk.shape[0]].copy_(chunk)
-        x_scale = _row_scale(x, metric, 1)
+        x, x_scale = _scaled_rows(x, metric, n_q, owned=not in_place)
         kc = min(k, x.shape[0])
         for q0 in range(0, n_q, qb):
             q = queries[q0:q0 + qb]
             s = torch.mm(q, x.T, out=score_buf[:q.shape[0] * x.shape[0]].view(q.shape[0], x.shape[0]))
-            _orient_(s, metric, None if q_sq is None else q_sq[q0:q0 + qb], x_scale)
+            if x_scale is not None:
+                _orient_(s, metric, None if q_sq is None else q_sq[q0:q0 + qb], x_scale)
             if kc >= GROUPED_K and x.shape[0] >= GROUPED_ROWS_PER_K * kc:
                 top_s, pos = grouped_topk(s, kc)
             else:
