@@ -73,6 +73,11 @@ class Timing:
     min_reps: int = 5
     max_reps: int = 200
     max_copies: int = 8
+    # rounds > 1: the case's providers are timed in turn, one window of rep_ms each per round (the order
+    # rotating), and each reports the median of all its rounds' calls. A busy spell of a shared machine then
+    # slows every provider alike instead of whichever one it fell on. rounds = 1: one provider after the
+    # other, each built, timed and freed before the next (what large GPU cases need).
+    rounds: int = 1
 
 
 METRIC_KEY = {"GB/s": "gbps", "TFLOP/s": "tflops"}  # a suite's metric -> its record field
@@ -173,6 +178,11 @@ def _clock(device: str):
 
 def time_fn(fn: Callable, copies: list[tuple], device: str, timing: Timing) -> list[float]:
     """Per-call times in ms, after a warm-up; calls cycle through the input copies."""
+    return timing_window(fn, copies, device, timing)()
+
+
+def timing_window(fn: Callable, copies: list[tuple], device: str, timing: Timing) -> Callable[[], list[float]]:
+    """Warms fn up, then returns window(): the per-call times (ms) of one window of about rep_ms."""
     mark, elapsed = _clock(device)
     args = itertools.cycle(copies)
     prepare = getattr(fn, "prepare", None)
@@ -191,7 +201,8 @@ def time_fn(fn: Callable, copies: list[tuple], device: str, timing: Timing) -> l
     run(1)
     estimate = max(statistics.median(run(3)), 1e-6)
     run(min(math.ceil(timing.warmup_ms / estimate), timing.max_reps))
-    return run(min(max(math.ceil(timing.rep_ms / estimate), timing.min_reps), timing.max_reps))
+    reps = min(max(math.ceil(timing.rep_ms / estimate), timing.min_reps), timing.max_reps)
+    return lambda: run(reps)
 
 
 def peak_bytes(fn: Callable, inputs: tuple, device: str) -> tuple[Any, int | None]:
@@ -327,34 +338,59 @@ def run_case(suite: Suite, case: Case, device: str, timing: Timing, env: dict) -
     inputs = suite.make_inputs(case, device, 0)
     copies = [inputs] + [suite.make_inputs(case, device, seed)
                          for seed in range(1, n_copies(_nbytes(inputs), cache_bytes(device), timing.max_copies))]
-    ref, records = None, []
     # $MRL_BENCH_PROVIDERS, a comma-separated subset, trims a run (the baseline always runs: ratios need it).
     wanted = [p for p in os.environ.get("MRL_BENCH_PROVIDERS", "").split(",") if p]
-    for name in [suite.baseline] + [p for p in suite.providers if p != suite.baseline and (not wanted or p in wanted)]:
-        rec = {"case": case.name, "provider": name, "params": case.params, "flops": case.flops,
-               "bytes": case.bytes, "status": "ok", **env, "timing": dataclasses.asdict(timing)}
-        try:
-            fn = build(suite, case, name, device)
-            rec.update(summarize(time_fn(fn, copies, device, timing)))
-            # Measured after timing, so one-off compile or autotuning buffers do not count.
-            prepare = getattr(fn, "prepare", None)
-            out, peak = peak_bytes(fn, prepare(*inputs) if prepare else inputs, device)
-            ref = out if name == suite.baseline else ref
-            seconds = rec["median_ms"] * 1e-3
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            rec.update(peak_mb=None if peak is None else peak / 2**20, out_mb=_nbytes(outs) / 2**20,
-                       rel_err=rel_err(out, ref),
-                       gbps=case.bytes / seconds / 1e9, tflops=case.flops / seconds / 1e12)
-            rec["of_ceiling"] = rec[METRIC_KEY[suite.metric]] / env["ceiling"][suite.metric]
-            rec.update(getattr(fn, "extra", {}))
-        except (Unavailable, NotImplementedError) as e:
-            rec.update(status="skipped", reason=_reason(e))
-        except Exception as e:  # one broken provider must not hide the others' numbers
-            rec.update(status="error", reason=_reason(e))
-        fn = out = None
+    names = [suite.baseline] + [p for p in suite.providers if p != suite.baseline and (not wanted or p in wanted)]
+    records = {name: {"case": case.name, "provider": name, "params": case.params, "flops": case.flops,
+                      "bytes": case.bytes, "status": "ok", **env, "timing": dataclasses.asdict(timing)}
+               for name in names}
+    ref = None
+    for group in [names] if timing.rounds > 1 else [[name] for name in names]:
+        fns, windows, times = {}, {}, {}
+        for name in group:
+            def warm(name=name):
+                fns[name] = build(suite, case, name, device)
+                windows[name], times[name] = timing_window(fns[name], copies, device, timing), []
+            _attempt(records[name], warm)
+        for r in range(timing.rounds):
+            live = list(windows)
+            shift = r % len(live) if live else 0
+            for name in live[shift:] + live[:shift]:
+                if not _attempt(records[name], lambda name=name: times[name].extend(windows[name]())):
+                    del windows[name]
+        for name in windows:  # the baseline first, so that the others' rel_err can be read against it
+            def measure(name=name):
+                nonlocal ref
+                rec, fn = records[name], fns[name]
+                rec.update(summarize(times[name]))
+                # Measured after timing, so one-off compile or autotuning buffers do not count.
+                prepare = getattr(fn, "prepare", None)
+                out, peak = peak_bytes(fn, prepare(*inputs) if prepare else inputs, device)
+                ref = out if name == suite.baseline else ref
+                seconds = rec["median_ms"] * 1e-3
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                rec.update(peak_mb=None if peak is None else peak / 2**20, out_mb=_nbytes(outs) / 2**20,
+                           rel_err=rel_err(out, ref),
+                           gbps=case.bytes / seconds / 1e9, tflops=case.flops / seconds / 1e12)
+                rec["of_ceiling"] = rec[METRIC_KEY[suite.metric]] / env["ceiling"][suite.metric]
+                rec.update(getattr(fn, "extra", {}))
+            _attempt(records[name], measure)
+        fns = windows = None
         _free(device)
-        records.append(rec)
-    return records
+    return list(records.values())
+
+
+def _attempt(rec: dict, step: Callable[[], Any]) -> bool:
+    """Runs one step of a provider's measurement; a failure is written into its record (skipped: it cannot
+    run here; error: anything else, so that one broken provider does not hide the others' numbers)."""
+    try:
+        step()
+        return True
+    except (Unavailable, NotImplementedError) as e:
+        rec.update(status="skipped", reason=_reason(e))
+    except Exception as e:
+        rec.update(status="error", reason=_reason(e))
+    return False
 
 
 def pytest_benchmark(benchmark, suite: Suite, case: Case, provider: str, device: str) -> None:

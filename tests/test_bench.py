@@ -109,6 +109,45 @@ def test_prepare_runs_untimed_before_every_call():
     assert calls[:2] == [("prepare", 1), ("fn", 2)] and len(calls) % 2 == 0
 
 
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_providers_take_turns_over_rounds(rounds):
+    """rounds > 1: one timing window per provider per round, the order rotating, the baseline's output still
+    the reference for rel_err; a provider that fails in a later round is recorded as an error and the others
+    keep their numbers. rounds = 1: one provider after the other."""
+    log = []
+
+    def provider(name, fail_after=None):
+        def factory(case, device):
+            def fn(x):
+                log.append(name)
+                if fail_after is not None and log.count(name) > fail_after:
+                    raise RuntimeError(f"{name} broke")
+                return x * (2.0 if name == "off" else 1.0)
+            return fn
+        return factory
+
+    calls = 1 + 3 + 2  # the warm-up: 1 + 3 (the estimate) + 0 (warmup_ms=0), then 2 (min_reps) per window
+    suite = harness.Suite("toy", "base", cases=None, make_inputs=lambda case, device, seed: (torch.ones(3),),
+                          providers={"base": provider("base"), "off": provider("off"),
+                                     "late": provider("late", fail_after=calls + 2)})
+    timing = harness.Timing(warmup_ms=0, rep_ms=0, min_reps=2, max_reps=2, max_copies=1, rounds=rounds)
+    case = harness.Case("c", {}, flops=1.0, bytes=1.0)
+    env = dict(harness.environment("cpu"), ceiling={"GB/s": 1.0})
+    recs = {r["provider"]: r for r in harness.run_case(suite, case, "cpu", timing, env)}
+    assert recs["base"]["status"] == recs["off"]["status"] == "ok"
+    assert recs["base"]["reps"] == recs["off"]["reps"] == 2 * rounds
+    assert recs["off"]["rel_err"] == pytest.approx(1.0) and recs["base"]["rel_err"] == 0.0
+    if rounds == 1:
+        assert recs["late"]["status"] == "ok"
+        assert log == sorted(log, key=["base", "off", "late"].index)  # one provider after the other
+    else:
+        assert recs["late"]["status"] == "error" and "late broke" in recs["late"]["reason"]
+        timed = [name for name in log if name != "late"][2 * 4:]  # after each one's warm-up (4 calls)
+        windows = [timed[i] for i in range(0, len(timed), 2)]
+        # rounds 0, 1, 2 take the order base-off-late, off-late-base, late-base-off (late fails in round 2)
+        assert windows[:6] == ["base", "off", "off", "base", "base", "off"]
+
+
 def test_nested_ce_quick_run_on_cpu(tmp_path):
     assert main(["run", "nested_ce", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*/nested_ce-quick.json")

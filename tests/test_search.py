@@ -120,6 +120,15 @@ def test_direct_path_for_small_score_matrices(monkeypatch, metric, dtype):
     assert not grad.requires_grad
 
 
+def test_which_strided_prefixes_are_copied_first():
+    """The direct path copies a strided CPU prefix past the L3 (CPU_COPY_SPAN), or past about the L2 when
+    each row's prefix is CPU_COPY_ROW_BYTES or more; never a contiguous one."""
+    copied = search_torch._copy_prefix_first
+    beyond_l3, beyond_l2, in_l2 = torch.empty(40_000, 256), torch.empty(10_000, 256), torch.empty(1_000, 256)
+    assert copied(beyond_l3[:, :16]) and copied(beyond_l2[:, :32]) and copied(beyond_l2[:, :64])
+    assert not copied(beyond_l3) and not copied(beyond_l2[:, :16]) and not copied(in_l2[:, :64])
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "chunked"])
 @pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
 def test_inputs_are_never_modified(monkeypatch, direct, dtype):

@@ -34,13 +34,16 @@ LONG_ROW_K, LONG_ROWS = 32, 131072
 # pay per-block call overhead, much larger ones stream the chunk from memory once per batch.
 # Measurements: bench/NOTES.md.
 CPU_BLOCK = 1 << 20
-# A strided prefix that spans more memory than the CPU's last-level cache is copied before it is scored:
-# read row by row with a stride of D values, it defeats the prefetchers, and torch's matmul and row norms on
-# it slow down several times (N = 100,000, d = 64 of D = 256 fp32 (a 100 MB span), 2 threads: norms 5.9 ms
-# strided vs 1.7 ms to copy + 0.45 ms on the copy; the Q = 1 matmul 5.1 vs 0.76 ms). Within the cache the
-# strided view is as fast as a copy and the copy is pure cost. 32 MB: the L3 of the benchmark machine (a
-# 2-core EPYC), also typical of a server's L3 per core complex. Measurements: bench/NOTES.md.
-CPU_COPY_SPAN = 32 << 20
+# A strided prefix is copied out before it is scored when it spans more memory than the CPU's last-level
+# cache, or, for prefixes of at least CPU_COPY_ROW_BYTES per row, more than about its L2: read with a stride of
+# D values from memory, torch's matmul and row norms slow down several times, the more so the longer each row's
+# prefix (2 threads, fp32, D = 256, database out of cache, copy / strided: N = 100,000, d = 64: norms 2.2 vs
+# 5.9 ms; N = 5,000-10,000, d = 64: 0.6-0.8x the strided search's time; d = 16: no gain). Within the cache the
+# strided view is as fast and the copy is pure cost (N = 1,000, d = 64: the copy doubles an ip search).
+# 32 MB: the L3 of the benchmark machine (a 2-core EPYC), also typical of a server's L3 per core complex.
+# Measurements: bench/NOTES.md.
+CPU_COPY_SPAN, CPU_COPY_ROW_SPAN, CPU_COPY_ROW_BYTES = 32 << 20, 4 << 20, 128
+
 # The direct path: a search whose [Q, N] scores (and, for 16-bit storage, the fp32 copy of the [N, dim]
 # prefix) take at most DIRECT_BYTES is one matmul and one top-k over the whole score matrix, as the eager
 # loop does, without the chunk machinery (buffers, per-block top-k and merge, a final sort), whose fixed
@@ -164,6 +167,14 @@ def merge_topk(scores: Tensor, ids: Tensor, k: int, metric: str) -> tuple[Tensor
     return _best_first(s, i, metric)
 
 
+def _copy_prefix_first(x: Tensor) -> bool:
+    """Whether the direct path copies the strided CPU prefix x before scoring it (see CPU_COPY_SPAN)."""
+    if not x.is_cpu or x.is_contiguous():
+        return False
+    span = x.shape[0] * x.stride(0) * x.element_size()
+    return span > CPU_COPY_SPAN or (span > CPU_COPY_ROW_SPAN and x.shape[1] * x.element_size() >= CPU_COPY_ROW_BYTES)
+
+
 def _prefix_topk_direct(queries: Tensor, database: Tensor, k: int, dim: int, metric: str) -> tuple[Tensor, Tensor]:
     """prefix_topk_torch for a small [Q, N] score matrix: scored whole (as the eager loop does), same results.
     Every Python-level step is a visible share of a small search, hence the guarded slices and casts."""
@@ -172,8 +183,7 @@ def _prefix_topk_direct(queries: Tensor, database: Tensor, k: int, dim: int, met
     acc = acc_dtype(database.dtype)
     q, q_sq = _prepared_queries(queries, dim, acc, metric)
     x = database if database.shape[1] == dim else database[:, :dim]  # a strided view: mm reads it in place
-    owned = x.dtype != acc or (x.is_cpu and not x.is_contiguous()
-                               and x.shape[0] * x.stride(0) * x.element_size() > CPU_COPY_SPAN)
+    owned = x.dtype != acc or _copy_prefix_first(x)
     if owned:
         x = x.to(acc).contiguous()  # a new tensor either way: an upcast of 16-bit storage, or see CPU_COPY_SPAN
     x, x_scale = _scaled_rows(x, metric, q.shape[0], owned)
