@@ -177,20 +177,20 @@ def _best(scores: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
 
 
 def prefix_scores(queries: Tensor, database: Tensor, dim: int | None = None,
-                  metric: str = "ip") -> Tensor:
+                  metric: str = "cosine") -> Tensor:
     """[Q, N] scores of every query against every database row on the first ``dim`` dims
     (None = all D). "l2" is a squared distance (smaller is better)."""
     return _pairwise(queries[:, :dim], database[:, :dim], metric)  # [:, :None] is the full row
 
 
 def prefix_topk(queries: Tensor, database: Tensor, k: int, dim: int | None = None,
-                metric: str = "ip") -> tuple[Tensor, Tensor]:
+                metric: str = "cosine") -> tuple[Tensor, Tensor]:
     """Exact top-k on the first ``dim`` dims: (scores [Q, k], ids [Q, k] int64), best first."""
     return _best(prefix_scores(queries, database, dim, metric), k, metric)
 
 
 def rerank(queries: Tensor, database: Tensor, candidates: Tensor, k: int, dim: int | None = None,
-           metric: str = "ip") -> tuple[Tensor, Tensor]:
+           metric: str = "cosine") -> tuple[Tensor, Tensor]:
     """Re-score candidate database ids [Q, S] on the first ``dim`` dims and keep the best k of each
     query's S: (scores [Q, k], database ids [Q, k]), best first."""
     q = queries[:, None, :dim]                                  # [Q, 1, d]
@@ -201,7 +201,7 @@ def rerank(queries: Tensor, database: Tensor, candidates: Tensor, k: int, dim: i
 
 
 def funnel_search(queries: Tensor, database: Tensor, k: int, dims: Sequence[int],
-                  shortlists: Sequence[int], metric: str = "ip") -> tuple[Tensor, Tensor]:
+                  shortlists: Sequence[int], metric: str = "cosine") -> tuple[Tensor, Tensor]:
     """The paper's funnel retrieval: shortlist shortlists[0] rows at dims[0] over the whole database,
     then re-rank at each next dim keeping the next shortlist size, and k at dims[-1].
 
@@ -216,7 +216,7 @@ def funnel_search(queries: Tensor, database: Tensor, k: int, dims: Sequence[int]
 
 def adaptive_search(queries: Tensor, database: Tensor, k: int, shortlist: int = 200,
                     shortlist_dim: int = 16, rerank_dim: int | None = None,
-                    metric: str = "ip") -> tuple[Tensor, Tensor]:
+                    metric: str = "cosine") -> tuple[Tensor, Tensor]:
     """The paper's adaptive retrieval: shortlist at ``shortlist_dim`` dims, re-rank at
     ``rerank_dim`` (None = all D) and keep k. A two-stage :func:`funnel_search`."""
     rerank_dim = database.shape[1] if rerank_dim is None else rerank_dim

@@ -92,7 +92,7 @@ def test_prefix_topk_torch_single_query(small_chunks, metric, dtype):
 def test_direct_path_for_small_score_matrices(monkeypatch, metric, dtype):
     """Up to DIRECT_BYTES, prefix_topk_torch scores the whole [Q, N] matrix at once (no chunk
     machinery): exact like the chunked path, on strided and full-width inputs, NaN rows first, and no
-    gradient to the scores. Cosine scales the rows (Q > dim) or the scores (Q <= dim), of the strided
+    gradient to the scores. Cosine scales the rows (Q >= dim / 2) or the scores (below), of the strided
     prefix or (past CPU_COPY_SPAN bytes) of a contiguous copy: every combination is run."""
     calls = []
     chunked = search_torch._prefix_topk_chunked

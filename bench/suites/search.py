@@ -90,7 +90,7 @@ def make_inputs(case: Case, device: str, seed: int) -> tuple:
 def _exact_ids(queries: torch.Tensor, database: torch.Tensor):
     from mrl_kernels import reference
 
-    return reference.prefix_topk(queries.float(), database.float(), 10)[1].cpu()
+    return reference.prefix_topk(queries.float(), database.float(), 10, metric="ip")[1].cpu()
 
 
 def _recall_at_10(ids: torch.Tensor, queries, database) -> float:
