@@ -33,5 +33,11 @@ def _fix_interpreter_bf16_dot():
     interpreter.InterpreterBuilder.create_dot = create_dot_bf16
 
 
+def pytest_addoption(parser):
+    parser.addoption("--aot-arch", type=int, action="append", default=None, metavar="ARCH",
+                     help="the ahead-of-time compile check (tests/test_aot.py) compiles for this sm_ arch only "
+                          "(repeatable; default: every arch the library supports)")
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter_bf16_dot()

@@ -6,18 +6,21 @@ checked for shared memory over the chip's limit. The log of the ptxas run inside
 registers and spills.
 
 Compiling needs real (not interpreted) kernels, so under TRITON_INTERPRET=1 the tests run
-`python -m mrl_kernels.kernels.aot` in a subprocess with the interpreter off; it compiles every
+`python -m mrl_kernels.kernels.aot [--arch 90]` in a subprocess with the interpreter off; it compiles every
 kernel module's `aot_specs()` and prints one JSON line per (spec, arch).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -118,21 +121,48 @@ KERNEL_MODULES = ("mrl_kernels.kernels.prefix_norms", "mrl_kernels.kernels.neste
                   "mrl_kernels.kernels.prefix_filter")
 
 
-def compile_all(archs=ARCHS):
-    for module in KERNEL_MODULES:
-        for label, fn, signature, constexprs, options in importlib.import_module(module).aot_specs():
-            for arch in archs:
-                try:
-                    report = asdict(compile_kernel(fn, signature, constexprs, arch, **options))
-                    del report["ptx"]
-                    report.update(fits=report["shared"] <= SHARED_LIMIT[arch], error=None)
-                except Exception as exc:  # reported per spec, so one bad kernel does not hide the others
-                    report = {"kernel": fn.__name__, "arch": arch, "error": f"{type(exc).__name__}: {exc}"}
-                yield {"label": f"{module.rsplit('.', 1)[-1]}[{label}]", **report}
+def compile_spec(module: str, index: int, arch: int) -> dict:
+    """The JSON report of spec `index` of `module`'s aot_specs() compiled for sm_<arch>; a compile error is
+    reported, not raised, so one bad kernel does not hide the others."""
+    label, fn, signature, constexprs, options = list(importlib.import_module(module).aot_specs())[index]
+    try:
+        report = asdict(compile_kernel(fn, signature, constexprs, arch, **options))
+        del report["ptx"]
+        report.update(fits=report["shared"] <= SHARED_LIMIT[arch], error=None)
+    except Exception as exc:
+        report = {"kernel": fn.__name__, "arch": arch, "error": f"{type(exc).__name__}: {exc}"}
+    return {"label": f"{module.rsplit('.', 1)[-1]}[{label}]", **report}
+
+
+def _compile_task(task):
+    return compile_spec(*task)
+
+
+def compile_all(archs=ARCHS, workers: int | None = None):
+    """Reports of every spec of every kernel module for every arch, in that order. Each compile is
+    single-threaded and takes seconds (ptxas on the larger kernels), so they run in `workers` processes
+    (default: one per core); spawned, as the JIT functions do not pickle and each worker imports its own."""
+    tasks = [(module, index, arch) for module in KERNEL_MODULES
+             for index in range(sum(1 for _ in importlib.import_module(module).aot_specs())) for arch in archs]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    if workers == 1:
+        yield from map(_compile_task, tasks)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_compile_task, tasks)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m mrl_kernels.kernels.aot", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, action="append", choices=ARCHS,
+                        help="compile for this sm_ arch only (repeatable; default: all of %(choices)s)")
+    parser.add_argument("--workers", type=int, default=None, help="compiler processes (default: one per core)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    for line in compile_all(tuple(args.arch or ARCHS), args.workers):
+        print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
-    for line in compile_all():
-        print(json.dumps(line), flush=True)
+    main()
