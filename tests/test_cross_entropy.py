@@ -110,6 +110,40 @@ def test_16_bit(backend, dtype, shared, kernel_device):
     check(backend, (17, 3, 70), shared, True, dtype, device, label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_dim"])
+def test_fp16_gradients_do_not_underflow(backend, shared, kernel_device):
+    """The logit gradients are coef * softmax with coef = (loss weight) / N: here 2**-6 / 64 * ~1/4099, about
+    6e-8, fp16's smallest subnormal (as at weight 1 once N * C passes ~1.7e7: N=2048, C=16,384 took dx 8.5%
+    off). Unscaled, the kernel rounded them to a step or two of 6e-8: dx 9e-3, dW 3e-3 off; the bound is
+    2.5x what the torch fallback reaches (2.7e-4, 4.1e-4), where the outputs' own fp16 rounding dominates."""
+    device = kernel_device if backend == "triton" else "cpu"
+    dims, weight = (8, 16), 2.0**-6
+    x, w, b, t = make_inputs(dims, shared, False, torch.float16, device, n=64, c=4099, d=16, seed=1)
+    params = leaves(x, w, b)
+    for p in params:
+        p.requires_grad_()
+    loss = mk.matryoshka_linear_cross_entropy(x, w, t, dims, backend=backend)
+    grads = torch.autograd.grad(loss * weight, params)
+    x64, w64 = float64(x), float64(w)
+    ref = reference.nested_cross_entropy(x64, w64, t.cpu(), dims)
+    ref_grads = torch.autograd.grad(ref * weight, leaves(x64, w64, None))
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float16 and rel_error(g, r) < 1e-3
+
+
+def test_gradient_scale_is_a_power_of_two_bringing_the_bound_to_one():
+    from mrl_kernels.kernels.nested_ce_backward import gradient_scale
+
+    coef = torch.tensor([[1 / 2048, 3 / 2048], [-5 / 2048, 0.0]])
+    scale = gradient_scale(coef).item()
+    assert scale == 2.0**9 and 1 <= (coef.abs().sum(1).max() * scale).item() < 2
+    assert gradient_scale(torch.zeros(3, 2)).item() == 1.0  # every row ignored
+    assert gradient_scale(torch.tensor([[float("nan"), 1.0]])).item() == 1.0  # NaN stays NaN
+    assert gradient_scale(torch.tensor([[1e-44]])).item() == 2.0**126  # subnormal bound: finite scale
+    assert 1 <= 1e30 * gradient_scale(torch.tensor([[1e30]])).item() < 2
+
+
 OPTIONS = [
     dict(reduction="sum"),
     dict(reduction="none"),

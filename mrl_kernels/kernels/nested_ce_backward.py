@@ -8,7 +8,9 @@ where a piece ends at a nesting boundary it adds that dim's D_j to G, then adds 
 and subtracts the piece's product to step back to the previous boundary's logits. Per-dim heads: each
 head's logits, its D_j, then its dx and dW. Tiles of different programs meet in dx and dW, which are
 accumulated in fp32 with relaxed atomic adds (nothing reads them before the launch ends). The host launches
-the classes in chunks so that only one chunk's fp32 dW accumulator exists at a time.
+the classes in chunks so that only one chunk's fp32 dW accumulator exists at a time, and scales the
+per-row coefficients by a power of two so that G, cast to the inputs' dtype for the gradient matmuls,
+does not underflow fp16 (gradient_scale).
 """
 import torch
 import triton
@@ -137,7 +139,10 @@ def nested_ce_backward_triton(grad_losses, x, w, bias, target, lse, dims, shared
     n_rows, n_classes = x.shape[0], w.shape[0]
     cfg = launch_config(x.dtype, backward=True)
     plan = chunk_plan(dims, shared, cfg["BLOCK_K"], x.device)
-    coef = (grad_losses.float() * (target != ignore_index)[:, None]).contiguous()
+    coef = grad_losses.float() * (target != ignore_index)[:, None]
+    scale = gradient_scale(coef)
+    coef = (coef * scale).contiguous()
+    unscale = scale.reciprocal()  # exact: a power of two
     lse = lse.contiguous()
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     dw = torch.empty_like(w)
@@ -155,8 +160,22 @@ def nested_ce_backward_triton(grad_losses, x, w, bias, target, lse, dims, shared
             n_classes, len(dims), plan.chunks.shape[0], plan.k_start, plan.k_end, x.stride(0), w.stride(0),
             bias.stride(0) if bias is not None else 0, float(label_smoothing),
             SHARED=shared, HAS_BIAS=bias is not None, K_ALIGN=plan.k_align, **cfg)
-        dw[c0:c1] = acc
-    return dx.to(x.dtype), dw, db.to(bias.dtype) if bias is not None else db
+        dw[c0:c1] = acc.mul_(unscale)
+    db = db.mul_(unscale).to(bias.dtype) if bias is not None else db
+    return dx.mul_(unscale).to(x.dtype), dw, db
+
+
+def gradient_scale(coef: torch.Tensor) -> torch.Tensor:
+    """A power of two (a 0-d fp32 tensor, no host sync) that brings max_r sum_j |coef[r, j]| into [1, 2).
+    The kernel casts the segment gradient G = sum_j coef_j (softmax_j - onehot) to x's dtype for the gradient
+    matmuls; |G| is at most that row sum, and with coef ~ 1/N and softmax ~ 1/C its entries fall below fp16's
+    smallest subnormal (6e-8) once N * C passes ~1.7e7 (fp16, N=2048, C=16,384: dx 8.5% off). Scaled, G
+    spans fp16's range below 2 instead; the fp32 accumulators are unscaled exactly. All-zero or non-finite
+    coefficients keep scale 1 (NaN and inf propagate as they are)."""
+    bound = coef.abs().sum(dim=1).amax() if coef.numel() else coef.new_zeros(())
+    exponent = torch.frexp(bound).exponent  # bound = mantissa * 2**exponent, mantissa in [0.5, 1)
+    scale = torch.ldexp(torch.ones_like(bound), (1 - exponent).clamp(-126, 126))
+    return torch.where((bound > 0) & torch.isfinite(bound), scale, torch.ones_like(bound))
 
 
 def aot_specs():
