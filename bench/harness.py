@@ -63,6 +63,10 @@ class Suite:
     providers: dict[str, Callable[[Case, str], Callable]]  # name -> (case, device) -> fn(*inputs)
     metric: str = "GB/s"  # the throughput that matters for this op: "GB/s" or "TFLOP/s"
     floor: str | None = None  # a provider to read times against too: records get vs_floor = median / its median
+    # (case, inputs) -> the exact output for those inputs, in a wider dtype than the providers': every
+    # record then gets oracle_err = rel_err(its output, that), the baseline's too (rel_err only says how far a
+    # provider is from the baseline, which in a 16-bit case carries 16-bit error of its own).
+    oracle: Callable[[Case, tuple], Any] | None = None
     timing: dict[str, "Timing"] = dataclasses.field(default_factory=dict)  # device -> full-run Timing override
 
 
@@ -345,6 +349,7 @@ def run_case(suite: Suite, case: Case, device: str, timing: Timing, env: dict) -
                       "bytes": case.bytes, "status": "ok", **env, "timing": dataclasses.asdict(timing)}
                for name in names}
     ref = None
+    oracle = None
     for group in [names] if timing.rounds > 1 else [[name] for name in names]:
         fns, windows, times = {}, {}, {}
         for name in group:
@@ -360,7 +365,7 @@ def run_case(suite: Suite, case: Case, device: str, timing: Timing, env: dict) -
                     del windows[name]
         for name in windows:  # the baseline first, so that the others' rel_err can be read against it
             def measure(name=name):
-                nonlocal ref
+                nonlocal ref, oracle
                 rec, fn = records[name], fns[name]
                 rec.update(summarize(times[name]))
                 # Measured after timing, so one-off compile or autotuning buffers do not count.
@@ -369,6 +374,9 @@ def run_case(suite: Suite, case: Case, device: str, timing: Timing, env: dict) -
                 ref = out if name == suite.baseline else ref
                 seconds = rec["median_ms"] * 1e-3
                 outs = out if isinstance(out, (tuple, list)) else (out,)
+                if suite.oracle is not None and out is not None:
+                    oracle = suite.oracle(case, inputs) if oracle is None else oracle
+                    rec["oracle_err"] = rel_err(out, oracle)
                 rec.update(peak_mb=None if peak is None else peak / 2**20, out_mb=_nbytes(outs) / 2**20,
                            rel_err=rel_err(out, ref),
                            gbps=case.bytes / seconds / 1e9, tflops=case.flops / seconds / 1e12)

@@ -49,14 +49,15 @@ def _fmt(value) -> str:
 
 
 def table(doc: dict) -> str:
-    """Markdown table of the records, headed by the newest run's environment. The `vs floor` and `note`
-    columns appear only when some record has them."""
+    """Markdown table of the records, headed by the newest run's environment. The `vs floor`, `err vs oracle`
+    and `note` columns appear only when some record has them."""
     records = doc["records"]
     newest = max(records, key=lambda r: r["timestamp"])
     versions = " · ".join(f"{k} {v}" for k, v in newest["versions"].items() if v)
     ceil = newest.get("ceiling", {}).get(doc["metric"])
     floor = doc.get("floor")
     notes = any(r.get("note") for r in records)
+    oracle = any(r.get("oracle_err") is not None for r in records)
     lines = [
         f"## {doc['suite']} on {doc['device']}",
         "",
@@ -66,18 +67,21 @@ def table(doc: dict) -> str:
         + f"of ceiling = {doc['metric']} / the measured ceiling ({_fmt(ceil)} {doc['metric']}); "
         f"peak ratio = peak MB / peak MB of `{doc['baseline']}`; peak ratio w/o out: the same for peak MB "
         "less the output's own MB (working memory); "
-        "rel err = ||out - baseline|| / ||baseline||",
+        "rel err = ||out - baseline|| / ||baseline||"
+        + ("; err vs oracle = ||out - oracle|| / ||oracle||, the oracle being the suite's exact output in a wider "
+           "dtype" if oracle else ""),
         "",
         "| case | provider | median ms | ratio |" + (" vs floor |" if floor else "")
         + " GB/s | TFLOP/s | of ceiling | peak MB | peak ratio | peak ratio w/o out | rel err |"
-        + (" note |" if notes else ""),
-        "|---|---|--:|--:|" + ("--:|" if floor else "") + "--:|--:|--:|--:|--:|--:|--:|" + ("---|" if notes else ""),
+        + (" err vs oracle |" if oracle else "") + (" note |" if notes else ""),
+        "|---|---|--:|--:|" + ("--:|" if floor else "") + "--:|--:|--:|--:|--:|--:|--:|" + ("--:|" if oracle else "")
+        + ("---|" if notes else ""),
     ]
     for r in records:
         if r["status"] == "ok":
             cells = [r["median_ms"], r.get("ratio")] + ([r.get("vs_floor")] if floor else []) + [
                 r["gbps"], r["tflops"], r.get("of_ceiling"), r["peak_mb"], r.get("peak_ratio"), r.get("scratch_ratio"),
-                r["rel_err"]]
+                r["rel_err"]] + ([r.get("oracle_err")] if oracle else [])
             note = [(r.get("note") or "").replace("|", "/")] if notes else []
             lines.append(f"| {r['case']} | {r['provider']} | " + " | ".join([*map(_fmt, cells), *note]) + " |")
         else:

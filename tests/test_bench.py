@@ -152,7 +152,7 @@ def test_nested_ce_quick_run_on_cpu(tmp_path):
     assert main(["run", "nested_ce", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*/nested_ce-quick.json")
     doc = json.loads(path.read_text())
-    assert doc["baseline"] == "reference" and doc["floor"] == "cce_full_dim_floor" and doc["metric"] == "TFLOP/s"
+    assert doc["baseline"] == "reference" and doc["floor"] == "cce_exact_full_dim_floor" and doc["metric"] == "TFLOP/s"
     recs = doc["records"]
     assert {r["params"]["mode"] for r in recs} == {"fwd", "bwd", "fwd+bwd"}
     by = {(r["params"]["mode"], r["provider"]): r for r in recs}
@@ -163,9 +163,33 @@ def test_nested_ce_quick_run_on_cpu(tmp_path):
             assert r["median_ms"] > 0 and r["tflops"] > 0 and r["peak_mb"] > 0 and r["peak_ratio"] > 0
             assert r["out_mb"] > 0 and r["scratch_ratio"] is not None
             assert r["rel_err"] < 1e-4
-        for provider in ("ours_triton", "cce", "liger", "cce_full_dim_floor", "compiled_loop"):
+            assert 0 < r["oracle_err"] < 1e-5  # fp32 against the fp64 oracle: its own rounding, and no more
+        for provider in ("ours_triton", "cce", "cce_exact", "liger", "cce_exact_full_dim_floor", "cce_full_dim_floor",
+                         "compiled_loop"):
             assert by[mode, provider]["status"] == "skipped" and by[mode, provider]["reason"]
-    assert "| ours_torch |" in path.with_suffix(".md").read_text()
+    table = path.with_suffix(".md").read_text()
+    assert "| ours_torch |" in table and "err vs oracle" in table
+
+
+def test_nested_ce_oracle_is_the_float64_loop_and_the_peaked_head_is_peaked(monkeypatch):
+    from bench.suites import nested_ce
+    from mrl_kernels import reference
+
+    monkeypatch.setattr(nested_ce, "ORACLE_ROWS", 10)  # 37 rows: four chunks, the last one short
+    monkeypatch.setattr(nested_ce, "_oracle_cache", {})
+
+    case = nested_ce._case("odd", 37, 24, 101, (3, 17, 24), "float32", 4.0, "fwd+bwd")
+    x, w, t = nested_ce.make_inputs(case, "cpu", 0)
+    logits = x.detach().double() @ w.detach().double().T
+    assert 3.0 < logits.std().item() < 5.0
+    loss, dx, dw = nested_ce._oracle(case, (x, w, t))
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = reference.nested_cross_entropy(x64, w64, t, (3, 17, 24))
+    ref_dx, ref_dw = torch.autograd.grad(ref, (x64, w64))
+    assert loss.dtype == torch.float64 and torch.allclose(loss, ref, rtol=1e-12)
+    assert torch.allclose(dx, ref_dx, rtol=1e-10, atol=1e-14) and torch.allclose(dw, ref_dw, rtol=1e-10, atol=1e-14)
+    bwd = nested_ce._case("odd", 37, 24, 101, (3, 17, 24), "float32", 4.0, "bwd")
+    assert nested_ce._oracle(bwd, (x, w, t))[0] is dx  # the same inputs: the kept result
 
 
 def test_the_registry_lives_in_bench_suites_and_the_harness_imports_no_suite():

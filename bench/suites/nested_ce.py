@@ -28,20 +28,27 @@ Providers:
   ours_triton         mk.matryoshka_linear_cross_entropy(..., backend="triton") (CUDA).
   cce                 sum over dims of cut_cross_entropy.linear_cross_entropy(x[:, :m].contiguous(),
                       W[:, :m].contiguous(), target) (CUDA; the copies are timed: CCE needs contiguous
-                      operands). CCE's defaults: filter_eps="high" skips gradient blocks whose softmax is
-                      below bf16 eps / 32, an approximation.
+                      operands). APPROXIMATE: CCE's defaults skip the gradient blocks whose softmax is below
+                      2^-12 (filter_eps), which at small nesting dims (nearly uniform softmax, C > 4096)
+                      drops the whole non-target mass, and accumulate in bf16.
+  cce_exact           the same with impl="cce_exact": no gradient filter, fp32 accumulation. The exact peer.
   liger               sum over dims of liger_kernel's LigerFusedLinearCrossEntropyFunction.apply(
                       x[:, :m].contiguous(), W[:, :m].contiguous(), target)[0] (CUDA). Liger computes
                       the gradients inside its forward: its fwd is nearly its fwd+bwd, its bwd nearly free.
-  cce_full_dim_floor  ONE cut_cross_entropy.linear_cross_entropy(x, W, target) at the full dim: not the
-                      same loss (no rel err), the floor for "all dims cost at most 1.3x one full-dim CCE
-                      call"; vs floor = median / its median.
+  cce_exact_full_dim_floor  ONE cut_cross_entropy.linear_cross_entropy(x, W, target, impl="cce_exact") at the
+                      full dim: not the same loss (no rel err), the floor for "all dims cost at most 1.3x one
+                      exact full-dim CCE call"; vs floor = median / its median.
+  cce_full_dim_floor  the same with CCE's defaults (approximate, see cce), beside it.
+err vs oracle: every provider's output against the exact one, computed in fp32 for 16-bit cases (fp64 for
+fp32 ones) by the eager loop over row chunks (_oracle), so a provider's own error shows, the baseline's too.
 A provider whose package is missing, or that would need more than MEMORY_BUDGET bytes (the eager loop
 materialises len(dims) logits matrices), is skipped with the reason; so is _liger's fwd and bwd alone at
 the vocab head (slow).
 
-Trimming a run: $NESTED_CE_MODES (e.g. "fwd+bwd") and $NESTED_CE_HEADS (e.g. "imagenet,jft"; not --quick)
-take comma-separated subsets.
+Heads: ImageNet-1k, JFT-300M (21,841 classes) and a 128,256-token vocabulary, logits of unit scale at the
+full dim; jft-peaked is the JFT head with full-dim logits of std 4, where a softmax concentrates on few
+classes and gradient filtering is realistic. Trimming a run: $NESTED_CE_MODES (e.g. "fwd+bwd") and
+$NESTED_CE_HEADS (e.g. "imagenet,jft"; not --quick) take comma-separated subsets.
 
 nested_ce_small (CPU only, fp32, fwd+bwd; bench/suites/_small.py): N in SMALL_N x D in SMALL_D x C in SMALL_C,
 dims 2, 4, ..., D, plus the per-call overhead case (N=1, D=8, C=2, dims (2, 4, 8)). Providers: reference (the
@@ -67,12 +74,13 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 PASSES = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}  # useful work in units of 2*N*C*D
 MEMORY_BUDGET = 60 * 2**30  # skip a provider whose estimated peak is above this (bytes)
 
-# (label, N, D, C, dims, dtype)
-CPU_HEADS = [("imagenet", 2048, 2048, 1000, DIMS, "float32")]
+# (label, N, D, C, dims, dtype, std of the full-dim logits)
+CPU_HEADS = [("imagenet", 2048, 2048, 1000, DIMS, "float32", 1.0)]
 GPU_HEADS = [
-    ("imagenet", 8192, 2048, 1000, DIMS, "bfloat16"),
-    ("jft", 8192, 768, 21841, JFT_DIMS, "bfloat16"),
-    ("vocab", 16384, 2048, 128256, DIMS, "bfloat16"),
+    ("imagenet", 8192, 2048, 1000, DIMS, "bfloat16", 1.0),
+    ("jft", 8192, 768, 21841, JFT_DIMS, "bfloat16", 1.0),
+    ("jft-peaked", 8192, 768, 21841, JFT_DIMS, "bfloat16", 4.0),
+    ("vocab", 16384, 2048, 128256, DIMS, "bfloat16", 1.0),
 ]
 QUICK_HEAD = ("tiny", 64, 64, 50, (8, 16, 32, 64))
 COMPILE_HEAD = {"cpu": "imagenet", "cuda": "imagenet"}  # torch.compile is slow: one head per device
@@ -80,14 +88,15 @@ LIGER_MAX_CHUNKS = 4096  # above this many row chunks per call, time Liger in fw
 SMALL_N, SMALL_D, SMALL_C = (64, 256, 1024, 4096), (16, 128, 512), (10, 100, 1000)
 
 
-def _case(label: str, n: int, d: int, c: int, dims, dtype: str, mode: str) -> Case:
+def _case(label: str, n: int, d: int, c: int, dims, dtype: str, logit_std: float, mode: str) -> Case:
     itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     operands = (n * d + c * d) * itemsize
     moved = {"fwd": operands + n * 8, "bwd": 2 * operands + n * 8 + n * len(dims) * 4,
              "fwd+bwd": 2 * operands + n * 8}[mode]
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
     return Case(f"{label}-N{n}-D{d}-C{c}-{short}-{mode}",
-                {"head": label, "N": n, "D": d, "C": c, "dims": list(dims), "dtype": dtype, "mode": mode},
+                {"head": label, "N": n, "D": d, "C": c, "dims": list(dims), "dtype": dtype, "logit_std": logit_std,
+                 "mode": mode},
                 flops=PASSES[mode] * 2 * n * c * d, bytes=moved)
 
 
@@ -102,7 +111,7 @@ def _selected(env: str, known) -> list:
 
 def cases(device: str, quick: bool) -> list[Case]:
     if quick:
-        heads = [QUICK_HEAD + ("bfloat16" if device == "cuda" else "float32",)]
+        heads = [QUICK_HEAD + ("bfloat16" if device == "cuda" else "float32", 1.0)]
     else:
         heads = GPU_HEADS if device == "cuda" else CPU_HEADS
         labels = _selected("NESTED_CE_HEADS", [h[0] for h in heads])
@@ -111,8 +120,8 @@ def cases(device: str, quick: bool) -> list[Case]:
 
 
 def small_cases(device: str, quick: bool) -> list[Case]:
-    overhead = _case("overhead", 1, 8, 2, (2, 4, 8), "float32", "fwd+bwd")
-    points = [_case("small", n, d, c, _small.doubling(2, d), "float32", "fwd+bwd")
+    overhead = _case("overhead", 1, 8, 2, (2, 4, 8), "float32", 1.0, "fwd+bwd")
+    points = [_case("small", n, d, c, _small.doubling(2, d), "float32", 1.0, "fwd+bwd")
               for n in SMALL_N for d in SMALL_D for c in SMALL_C]
     return _small.grid(device, quick, overhead, points)
 
@@ -122,8 +131,9 @@ def make_inputs(case: Case, device: str, seed: int) -> tuple:
     gen = torch.Generator(device=device).manual_seed(seed)
     dtype = getattr(torch, p["dtype"])
     x = torch.randn(p["N"], p["D"], generator=gen, device=device, dtype=dtype)
-    # Logits of unit scale at the full dim.
-    w = torch.randn(p["C"], p["D"], generator=gen, device=device, dtype=dtype) / p["D"] ** 0.5
+    # Full-dim logits of std logit_std (x and W rows of unit-variance entries: x.w has variance D).
+    scale = p.get("logit_std", 1.0) / p["D"] ** 0.5
+    w = torch.randn(p["C"], p["D"], generator=gen, device=device, dtype=dtype) * scale
     target = torch.randint(0, p["C"], (p["N"],), generator=gen, device=device)
     return x.requires_grad_(), w.requires_grad_(), target
 
@@ -171,6 +181,42 @@ def _loop_bytes(case: Case) -> float:
     transients in backward."""
     p, dims, itemsize = _params(case)
     return len(dims) * p["N"] * p["C"] * itemsize * 2 + 2 * p["N"] * p["C"] * 4
+
+
+ORACLE_ROWS = 1024  # rows per step of the oracle's loop: its logits stay within 2 * len(dims) * 1024 * C
+
+
+def _oracle(case: Case, inputs: tuple):
+    """The exact output for `inputs`: the eager loop in fp32 (fp64 for fp32 inputs) over row chunks of
+    ORACLE_ROWS, the loss summed over chunks / N (the bench's targets ignore no row); what the case's mode
+    compares: loss (fwd), (dx, dW) (bwd), (loss, dx, dW) (fwd+bwd). The three modes of a head share their
+    inputs (seed 0), so the last result is kept for the next mode."""
+    p, dims, _ = _params(case)
+    key = (p["head"], p["N"], p["D"], p["C"], p["dtype"], p["logit_std"], str(inputs[0].device))
+    if _oracle_cache.get("key") != key:
+        _oracle_cache.clear()
+        _oracle_cache.update(key=key, out=_oracle_step(*inputs, dims))
+    loss, dx, dw = _oracle_cache["out"]
+    return {"fwd": loss, "bwd": (dx, dw), "fwd+bwd": (loss, dx, dw)}[p["mode"]]
+
+
+_oracle_cache: dict = {}
+
+
+def _oracle_step(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, dims: tuple):
+    loop = require("mrl_kernels.reference", "nested_cross_entropy")
+    wide = torch.float64 if x.dtype == torch.float32 else torch.float32
+    w_wide = w.detach().to(wide).requires_grad_()
+    dx = torch.empty(x.shape, dtype=wide, device=x.device)
+    loss = torch.zeros((), dtype=wide, device=x.device)
+    with torch.enable_grad():
+        for r0 in range(0, x.shape[0], ORACLE_ROWS):
+            x_rows = x[r0:r0 + ORACLE_ROWS].detach().to(wide).requires_grad_()
+            part = loop(x_rows, w_wide, target[r0:r0 + ORACLE_ROWS], dims, reduction="sum") / x.shape[0]
+            part.backward()
+            dx[r0:r0 + ORACLE_ROWS] = x_rows.grad
+            loss += part.detach()
+    return loss, dx, w_wide.grad
 
 
 def _needs_cuda(device: str, name: str) -> None:
@@ -274,17 +320,33 @@ def _ours(backend: str, needs_cuda: bool = False):
     return factory
 
 
-def _cce(case: Case, device: str):
-    _needs_cuda(device, "cut-cross-entropy")
-    lce = require("cut_cross_entropy", "linear_cross_entropy")
-    dims = tuple(case.params["dims"])
+CCE_NOTES = {"cce": "approximate: CCE's defaults (gradient filter, bf16 accumulation)",
+             "cce_exact": "exact: impl='cce_exact' (no gradient filter, fp32 accumulation)"}
 
-    def loss(x, w, t):
-        return sum(lce(x[:, :m].contiguous(), w[:, :m].contiguous(), t) for m in dims)
 
-    fn = _moded(loss, case.params["mode"])
-    fn.extra = {"note": "per dim, defaults (filter_eps='high'); slice copies timed"}
-    return fn
+def _cce(impl: str, full_dim_floor: bool = False):
+    """A CCE provider factory: per dim (the same loss as ours), or ONE full-dim call (the floor)."""
+
+    def factory(case: Case, device: str):
+        _needs_cuda(device, "cut-cross-entropy")
+        lce = require("cut_cross_entropy", "linear_cross_entropy")
+        if impl != "cce" and impl not in getattr(require("cut_cross_entropy.cce_utils", "CCEPresets"), "names", ()):
+            raise Unavailable(f"this cut-cross-entropy has no impl={impl!r}")
+        kwargs = {} if impl == "cce" else {"impl": impl}
+        dims = tuple(case.params["dims"])
+        if full_dim_floor:  # another loss than the others': no rel err (compare=False returns nothing)
+            fn = _moded(lambda x, w, t: lce(x, w, t, **kwargs), case.params["mode"], compare=False)
+            fn.extra = {"note": f"ONE full-dim CCE call, the floor, not the same loss; {CCE_NOTES[impl]}"}
+            return fn
+
+        def loss(x, w, t):
+            return sum(lce(x[:, :m].contiguous(), w[:, :m].contiguous(), t, **kwargs) for m in dims)
+
+        fn = _moded(loss, case.params["mode"])
+        fn.extra = {"note": f"per dim, slice copies timed; {CCE_NOTES[impl]}"}
+        return fn
+
+    return factory
 
 
 def _liger_chunks(n: int, c: int, dims) -> int:
@@ -314,15 +376,6 @@ def _liger(case: Case, device: str):
     return fn
 
 
-def _cce_floor(case: Case, device: str):
-    _needs_cuda(device, "cut-cross-entropy")
-    lce = require("cut_cross_entropy", "linear_cross_entropy")
-    # Another loss than the others': no rel err (compare=False returns nothing to compare).
-    fn = _moded(lambda x, w, t: lce(x, w, t), case.params["mode"], compare=False)
-    fn.extra = {"note": "ONE full-dim CCE call: the floor, not the same loss"}
-    return fn
-
-
 SUITE = Suite(
     name="nested_ce",
     baseline="reference",
@@ -334,12 +387,15 @@ SUITE = Suite(
         "torch_linear_ce": _torch_linear_ce,
         "ours_torch": _ours("torch"),
         "ours_triton": _ours("triton", needs_cuda=True),
-        "cce": _cce,
+        "cce": _cce("cce"),
+        "cce_exact": _cce("cce_exact"),
         "liger": _liger,
-        "cce_full_dim_floor": _cce_floor,
+        "cce_exact_full_dim_floor": _cce("cce_exact", full_dim_floor=True),
+        "cce_full_dim_floor": _cce("cce", full_dim_floor=True),
     },
     metric="TFLOP/s",
-    floor="cce_full_dim_floor",
+    floor="cce_exact_full_dim_floor",
+    oracle=_oracle,
     # The GPU budget is small: few reps (the big head's calls take 100+ ms each, so min_reps rules there).
     timing={"cuda": Timing(warmup_ms=20, rep_ms=60, min_reps=3, max_reps=30, max_copies=2)},
 )
