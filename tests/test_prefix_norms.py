@@ -101,20 +101,44 @@ def test_autocast_changes_nothing(backend, kernel_device):
 
 
 def test_auto_on_cpu_picks_by_shape(monkeypatch):
-    """On the CPU, "auto" is the eager loop, except for x[:, :max(dims)] at least FALLBACK_MIN_COLS wide and
-    FALLBACK_MIN_ELEMENTS large, which takes the chunked fallback."""
+    """On the CPU, "auto" is the running sum for small x that wants no gradient, the chunked fallback for
+    x[:, :max(dims)] at least FALLBACK_MIN_COLS wide and FALLBACK_MIN_ELEMENTS large, else the eager loop."""
     prefix_norms = importlib.import_module("mrl_kernels.ops.prefix_norms")  # the module, not the op it exports
     calls = []
-    for name in ("prefix_norms_eager", "prefix_norms_torch"):
+    for name in ("prefix_norms_eager", "prefix_norms_torch", "prefix_norms_running_sum"):
         impl = getattr(prefix_norms, name)
         monkeypatch.setattr(prefix_norms, name, lambda *a, impl=impl, name=name: calls.append(name) or impl(*a))
     monkeypatch.setattr(prefix_norms, "FALLBACK_MIN_ELEMENTS", 5 * 256)
-    mk.prefix_norms(torch.randn(5, 16), (8, 16))
-    mk.prefix_norms(torch.randn(5, 16, dtype=torch.bfloat16), (8, 16))
-    mk.prefix_norms(torch.randn(4, 300), (8, 256))       # wide but small
-    mk.prefix_norms(torch.randn(5, 300), (8, 256))       # wide and large
-    mk.prefix_norms(torch.randn(5, 300), (8, 255))       # large but narrow
-    assert calls == ["prefix_norms_eager"] * 3 + ["prefix_norms_torch", "prefix_norms_eager"]
+    mk.prefix_norms(torch.randn(5, 16), (4, 8, 16))                            # small: running sum
+    mk.prefix_norms(torch.randn(5, 16, dtype=torch.bfloat16), (4, 8, 16))
+    mk.prefix_norms(torch.randn(5, 16), (8, 16))                               # two dims: the loop
+    mk.prefix_norms(torch.randn(5, 16, requires_grad=True), (4, 8, 16))        # wants a gradient: the loop
+    with torch.no_grad():
+        mk.prefix_norms(torch.randn(5, 16, requires_grad=True), (4, 8, 16))    # ... unless grad is off
+    mk.prefix_norms(torch.randn(1024, 100), (8, 16, 64))                       # 64 wide, 2**16 elements
+    mk.prefix_norms(torch.randn(1000, 100), (8, 16, 65))                       # 65 wide
+    mk.prefix_norms(torch.randn(1025, 64), (8, 16, 64))                        # 1025 * 64 elements
+    mk.prefix_norms(torch.randn(4, 300), (8, 256))                             # wide but small
+    mk.prefix_norms(torch.randn(5, 300), (8, 256))                             # wide and large
+    mk.prefix_norms(torch.randn(5, 300), (8, 255))                             # large but narrow
+    assert calls == ["prefix_norms_running_sum"] * 2 + ["prefix_norms_eager"] * 2 + ["prefix_norms_running_sum"] * 2 + [
+        "prefix_norms_eager", "prefix_norms_eager", "prefix_norms_eager", "prefix_norms_torch", "prefix_norms_eager"]
+
+
+@pytest.mark.parametrize("n,d,dims", CASES)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
+def test_running_sum_matches_float64(dtype, n, d, dims):
+    from mrl_kernels.ops.prefix_norms_torch import prefix_norms_running_sum
+
+    x = torch.randn(n, d + 3, dtype=dtype)[:, :d]  # a strided slice, wider than every prefix
+    out = prefix_norms_running_sum(x, dims)
+    assert out.shape == (n, len(dims)) and out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert rel_error(out, norms_float64(x, dims)) < (1e-12 if dtype == torch.float64 else TOL[torch.float32])
+    y = torch.randn(4, 30)
+    y[2, 10] = float("nan")
+    y[1] = 0.0
+    out = prefix_norms_running_sum(y, (5, 30, 11))
+    assert out[2, 0].isfinite() and out[2, 1].isnan() and out[2, 2].isnan() and (out[1] == 0).all()
 
 
 @pytest.mark.parametrize("backend", ["torch", "eager", "triton"])

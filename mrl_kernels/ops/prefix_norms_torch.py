@@ -4,10 +4,14 @@
 prefix_norms_torch: the chunked fallback. Each column segment between nesting boundaries is reduced once
 and the prefixes are a cumsum of squared segment norms, so x[:, :max(dims)] is read once whatever the
 number of dims; its gradient (prefix_norms_backward) is a custom one. prefix_norms_eager: one vector_norm
-per dim with autograd through torch: fewer ops per call, so faster for small inputs (see
-ops/prefix_norms.py for when "auto" picks which).
+per dim with autograd through torch: fewer ops per call, so faster for small inputs.
+prefix_norms_running_sum: squares, one cumsum along the row, the prefix ends picked, a sqrt: four ops
+whatever the number of dims, for small inputs that want no gradient (ops/prefix_norms.py says when "auto"
+picks which).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -33,6 +37,19 @@ def prefix_norms_torch(x: torch.Tensor, dims) -> torch.Tensor:
         else:
             out[r:r + ROW_CHUNK, list(geo.order)] = seg_sumsq.cumsum(1).sqrt_()
     return out
+
+
+def prefix_norms_running_sum(x: torch.Tensor, dims) -> torch.Tensor:
+    """The same norms from a running sum of squares: an N x max(dims) temporary, so for small x. No
+    gradient: sqrt's derivative at a zero prefix is inf, where vector_norm's subgradient is 0."""
+    width = max(dims)
+    wide = x if width == x.shape[1] else x[:, :width]
+    return wide.to(acc_dtype(x.dtype)).square().cumsum(1)[:, _prefix_ends(tuple(dims))].sqrt_()
+
+
+@functools.lru_cache(maxsize=64)
+def _prefix_ends(dims: tuple) -> torch.Tensor:
+    return torch.tensor([m - 1 for m in dims])
 
 
 def prefix_norms_backward(grad_out: torch.Tensor, x: torch.Tensor, norms: torch.Tensor, dims) -> torch.Tensor:
