@@ -33,6 +33,28 @@ def _fix_interpreter_bf16_dot():
     interpreter.InterpreterBuilder.create_dot = create_dot_bf16
 
 
+def _add_interpreter_descriptor_reduce():
+    """Triton 3.6's interpreter has no create_descriptor_reduce, which a tensor descriptor's atomic_add (a
+    bulk tile reduction on sm_90) lowers to: give it one as an elementwise relaxed atomic add of the tile's
+    in-bounds elements, which is what the bulk reduction computes."""
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    if hasattr(interpreter.InterpreterBuilder, "create_descriptor_reduce"):
+        return
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
+            raise NotImplementedError(f"descriptor reduce {kind} in the interpreter")
+        ptrs, mask = desc.materialize_pointers(indices)
+        op = ir.ATOMIC_OP.FADD if value.dtype.scalar.is_floating() else ir.ATOMIC_OP.ADD
+        return self.create_atomic_rmw(op, ptrs, value, interpreter.TensorHandle(mask, tl.int1), ir.MEM_SEMANTIC.RELAXED,
+                                      ir.MEM_SYNC_SCOPE.GPU)
+
+    interpreter.InterpreterBuilder.create_descriptor_reduce = create_descriptor_reduce
+
+
 def pytest_addoption(parser):
     parser.addoption("--aot-arch", type=int, action="append", default=None, metavar="ARCH",
                      help="the ahead-of-time compile check (tests/test_aot.py) compiles for this sm_ arch only "
@@ -41,3 +63,4 @@ def pytest_addoption(parser):
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter_bf16_dot()
+    _add_interpreter_descriptor_reduce()

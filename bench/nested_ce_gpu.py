@@ -1,0 +1,203 @@
+"""Issue 9's prepared GPU run: one call, under five minutes, JSON lines out.
+
+    python -m bench.nested_ce_gpu [--out DIR] [--quick] [--device cuda|cpu]
+
+1. Tile reductions (bench/tile_reduce.py): programs adding 128 x 64 fp32 tiles into a 16 MB target (L2
+   resident) and a 1 GB one, by per-element relaxed atomics and by tensor-descriptor bulk reductions; GB/s of
+   tiles reduced. Tells whether the L2 absorbs the backward's bulk reductions (../shared/NESTED_CE_GPU.md).
+2. The bf16 matmul ceiling (8192^3), the unit the targets are counted in.
+3. The shipped nested-CE kernels over candidate tile configs (launch_config overridden) at N=4096, C=32,768,
+   D=2048, 9 dims, bf16: forward alone and forward+backward, each config's loss and gradient error against the
+   fp32 torch backend; a config that fails to compile or run is recorded with its error.
+4. The nested_ce suite, fwd+bwd at every head (python -m bench run nested_ce, NESTED_CE_MODES=fwd+bwd).
+
+Every step has its own time limit (STEP_SECONDS) and writes its records as it goes, to
+<out>/nested_ce_gpu.jsonl with the device name and versions; --quick (tiny sizes) and --device cpu (the
+interpreter) try the script out without a GPU. Nothing here is tuned at run time: winners ship as fixed,
+AOT-checked configs.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+STEP_SECONDS = {"reduce": 30, "mm": 15, "sweep": 150, "suite": 120}
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): NESTED_CE_GPU.md's candidates, and the shipped configs.
+FORWARD_CONFIGS = [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+                   (64, 128, 64, 4, 4)]
+BACKWARD_CONFIGS = [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 32, 4, 3),
+                    (128, 64, 64, 4, 3)]
+SWEEP_SHAPE = dict(n=4096, c=32768, d=2048, dims=tuple(8 << i for i in range(9)))
+QUICK_SWEEP_SHAPE = dict(n=64, c=256, d=64, dims=(8, 16, 32, 64))
+
+
+def _timer(device: str):
+    """ms of one call of fn: triton's do_bench on a GPU (L2 flushed, median), one timed call on the CPU."""
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=40)
+
+    def once(fn):
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    return once
+
+
+def tile_reductions(device: str, quick: bool, deadline: float):
+    from bench import tile_reduce
+
+    targets = [(256, 192)] if quick else [(2048, 2048), (16384, 16384)]  # 16 MB and 1 GB of fp32
+    bench = _timer(device)
+    for rows, cols in targets:
+        out = torch.zeros(rows, cols, device=device)
+        n_tiles = (rows // 128) * (cols // 64)
+        programs = 4 * n_tiles
+        for kind in tile_reduce.KERNELS:
+            if time.monotonic() > deadline:
+                return
+            if kind == "tma" and device == "cpu":  # the interpreter has no descriptor reduce (the tests shim it)
+                yield {"step": "reduce", "kind": kind, "skipped": "no descriptor reduce in the interpreter"}
+                continue
+            ms = bench(lambda: tile_reduce.add_tiles(out, programs, kind))
+            out.zero_()
+            tile_reduce.add_tiles(out, programs, kind)
+            tiles = out.double().reshape(rows // 128, 128, cols // 64, 64).permute(0, 2, 1, 3).reshape(n_tiles, -1)
+            exact = bool(torch.equal(tiles.cpu(), tile_reduce.expected_sums(n_tiles, programs)[:, None].expand_as(
+                tiles.cpu())))
+            yield {"step": "reduce", "kind": kind, "target_mb": rows * cols * 4 / 2**20, "programs": programs,
+                   "ms": ms, "gbps_reduced": programs * 128 * 64 * 4 / ms / 1e6, "exact": exact}
+        del out
+
+
+def mm_ceiling(device: str, quick: bool, deadline: float):
+    n = 256 if quick else 8192
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    ms = _timer(device)(lambda: a @ a)
+    yield {"step": "mm", "n": n, "dtype": str(dtype), "ms": ms, "tflops": 2 * n**3 / ms / 1e9}
+
+
+@contextlib.contextmanager
+def _launch_config(forward_tiles: tuple | None, backward_tiles: tuple | None):
+    """Overrides the nested-CE kernels' tiles (16-bit inputs) for the forward and/or the backward."""
+    from mrl_kernels.kernels import nested_ce_backward, nested_ce_forward
+
+    shipped = nested_ce_forward.launch_config
+
+    def config(dtype, backward=False):
+        tiles = backward_tiles if backward else forward_tiles
+        if tiles is None or dtype == torch.float32:
+            return shipped(dtype, backward)
+        m, n, k, warps, stages = tiles
+        return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": stages,
+                "PRECISION": "tf32"}
+
+    nested_ce_forward.launch_config = nested_ce_backward.launch_config = config
+    try:
+        yield
+    finally:
+        nested_ce_forward.launch_config = nested_ce_backward.launch_config = shipped
+
+
+def _errors(out, ref) -> float:
+    return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(out, ref))
+
+
+def config_sweep(device: str, quick: bool, deadline: float):
+    import mrl_kernels as mk
+
+    shape = QUICK_SWEEP_SHAPE if quick else SWEEP_SHAPE
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape["n"], shape["d"], generator=gen, device=device, dtype=dtype).requires_grad_()
+    w = (torch.randn(shape["c"], shape["d"], generator=gen, device=device) / shape["d"] ** 0.5).to(dtype)
+    w.requires_grad_()
+    t = torch.randint(0, shape["c"], (shape["n"],), generator=gen, device=device)
+    dims = shape["dims"]
+
+    def step(backend, xs, ws):
+        loss = mk.matryoshka_linear_cross_entropy(xs, ws, t, dims, backend=backend)
+        return (loss.detach(), *torch.autograd.grad(loss, (xs, ws)))
+
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = step("torch", x32, w32)
+    bench = _timer(device)
+    runs = [("forward", cfg, None) for cfg in FORWARD_CONFIGS] + [("backward", None, cfg) for cfg in BACKWARD_CONFIGS]
+    for which, fwd_cfg, bwd_cfg in runs:
+        if time.monotonic() > deadline:
+            yield {"step": "sweep", "which": which, "config": fwd_cfg or bwd_cfg, "error": "out of time"}
+            continue
+        record = {"step": "sweep", "which": which, "config": fwd_cfg or bwd_cfg, **{k: v for k, v in shape.items()}}
+        try:
+            with _launch_config(fwd_cfg, bwd_cfg):
+                with torch.no_grad():
+                    record["fwd_ms"] = bench(lambda: mk.matryoshka_linear_cross_entropy(x, w, t, dims,
+                                                                                        backend="triton"))
+                record["fwd_bwd_ms"] = bench(lambda: step("triton", x, w))
+                record["rel_err_vs_fp32"] = _errors(step("triton", x, w), ref)
+        except Exception as exc:  # a config the compiler or the chip refuses is a result, not a crash
+            record["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        yield record
+
+
+def nested_ce_suite(device: str, quick: bool, deadline: float):
+    env = dict(os.environ, NESTED_CE_MODES="fwd+bwd")
+    cmd = [sys.executable, "-m", "bench", "run", "nested_ce", "--device", device, *(["--quick"] if quick else [])]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                              timeout=max(1, deadline - time.monotonic()))
+        yield {"step": "suite", "returncode": proc.returncode, "tail": proc.stdout[-2000:] + proc.stderr[-1000:]}
+    except subprocess.TimeoutExpired:
+        yield {"step": "suite", "error": "out of time"}
+
+
+STEPS = {"reduce": tile_reductions, "mm": mm_ceiling, "sweep": config_sweep, "suite": nested_ce_suite}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.nested_ce_gpu", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: try the script out")
+    parser.add_argument("--step", action="append", choices=list(STEPS), help="run only these steps (repeatable)")
+    args = parser.parse_args(argv)
+    import triton
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "nested_ce_gpu.jsonl"
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    env = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "quick": args.quick,
+           "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    failed = False
+    with path.open("a") as f:
+        for step in args.step or list(STEPS):
+            deadline = time.monotonic() + STEP_SECONDS[step]
+            try:
+                for record in STEPS[step](args.device, args.quick, deadline):
+                    failed |= "error" in record or record.get("exact") is False or record.get("returncode", 0) != 0
+                    line = json.dumps({**env, **record})
+                    print(line, flush=True)
+                    f.write(line + "\n")
+            except Exception as exc:
+                failed = True
+                line = json.dumps({**env, "step": step, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                print(line, flush=True)
+                f.write(line + "\n")
+    print(f"wrote {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
