@@ -7,8 +7,9 @@
    tiles reduced. Tells whether the L2 absorbs the backward's bulk reductions (../shared/NESTED_CE_GPU.md).
 2. The bf16 matmul ceiling (8192^3), the unit the targets are counted in.
 3. The shipped nested-CE kernels over candidate tile configs (launch_config overridden) at N=4096, C=32,768,
-   D=2048, 9 dims, bf16: forward alone and forward+backward, each config's loss and gradient error against the
-   fp32 torch backend; a config that fails to compile or run is recorded with its error.
+   D=2048, 9 dims, bf16: forward alone and forward+backward, the backward with per-element atomics and with
+   bulk tile reductions (BULK_REDUCE), each config's loss and gradient error against the fp32 torch backend;
+   a config that fails to compile or run is recorded with its error.
 4. The nested_ce suite, fwd+bwd at every head (python -m bench run nested_ce, NESTED_CE_MODES=fwd+bwd).
 
 Every step has its own time limit (STEP_SECONDS) and writes its records as it goes, to
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-STEP_SECONDS = {"reduce": 30, "mm": 15, "sweep": 150, "suite": 120}
+STEP_SECONDS = {"reduce": 30, "mm": 15, "sweep": 130, "suite": 120}  # 295 s in all
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): NESTED_CE_GPU.md's candidates, and the shipped configs.
 FORWARD_CONFIGS = [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
                    (64, 128, 64, 4, 4)]
@@ -90,8 +91,9 @@ def mm_ceiling(device: str, quick: bool, deadline: float):
 
 
 @contextlib.contextmanager
-def _launch_config(forward_tiles: tuple | None, backward_tiles: tuple | None):
-    """Overrides the nested-CE kernels' tiles (16-bit inputs) for the forward and/or the backward."""
+def _launch_config(forward_tiles: tuple | None, backward_tiles: tuple | None, bulk_reduce: bool = False):
+    """Overrides the nested-CE kernels' tiles (16-bit inputs) for the forward and/or the backward, and whether
+    the backward adds its whole tiles by bulk reductions (nested_ce_backward.BULK_REDUCE)."""
     from mrl_kernels.kernels import nested_ce_backward, nested_ce_forward
 
     shipped = nested_ce_forward.launch_config
@@ -104,11 +106,14 @@ def _launch_config(forward_tiles: tuple | None, backward_tiles: tuple | None):
         return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": stages,
                 "PRECISION": "tf32"}
 
+    bulk_shipped = nested_ce_backward.BULK_REDUCE
     nested_ce_forward.launch_config = nested_ce_backward.launch_config = config
+    nested_ce_backward.BULK_REDUCE = bulk_reduce
     try:
         yield
     finally:
         nested_ce_forward.launch_config = nested_ce_backward.launch_config = shipped
+        nested_ce_backward.BULK_REDUCE = bulk_shipped
 
 
 def _errors(out, ref) -> float:
@@ -134,14 +139,16 @@ def config_sweep(device: str, quick: bool, deadline: float):
     x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref = step("torch", x32, w32)
     bench = _timer(device)
-    runs = [("forward", cfg, None) for cfg in FORWARD_CONFIGS] + [("backward", None, cfg) for cfg in BACKWARD_CONFIGS]
-    for which, fwd_cfg, bwd_cfg in runs:
+    # The shipped backward tiles with and without bulk reductions first: the question this run is for.
+    backward = [(f"backward{'-bulk' if bulk else ''}", None, cfg, bulk) for cfg in BACKWARD_CONFIGS for bulk in (False, True)]
+    runs = backward[:2] + [("forward", cfg, None, False) for cfg in FORWARD_CONFIGS] + backward[2:]
+    for which, fwd_cfg, bwd_cfg, bulk in runs:
         if time.monotonic() > deadline:
             yield {"step": "sweep", "which": which, "config": fwd_cfg or bwd_cfg, "error": "out of time"}
             continue
         record = {"step": "sweep", "which": which, "config": fwd_cfg or bwd_cfg, **{k: v for k, v in shape.items()}}
         try:
-            with _launch_config(fwd_cfg, bwd_cfg):
+            with _launch_config(fwd_cfg, bwd_cfg, bulk):
                 with torch.no_grad():
                     record["fwd_ms"] = bench(lambda: mk.matryoshka_linear_cross_entropy(x, w, t, dims,
                                                                                         backend="triton"))

@@ -195,6 +195,25 @@ def test_backward_in_class_chunks(kernel_device, monkeypatch, shared, dtype):
     check("triton", (17, 3, 70), shared, True, dtype, kernel_device, label_smoothing=0.1, ignore_index=7)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dims", [(12, 24, 96, 192), (8, 16, 64, 192), (192,)])
+def test_backward_by_bulk_tile_reductions(kernel_device, monkeypatch, dims, dtype):
+    """The backward with its whole-tile gradients added by tensor-descriptor reductions (BULK_REDUCE; the
+    interpreter runs them through the root conftest's shim), in class chunks, with bias, smoothing and
+    ignored rows: the same sums as the per-element atomics."""
+    from mrl_kernels.kernels import nested_ce_backward
+
+    monkeypatch.setattr(nested_ce_backward, "BULK_REDUCE", True)
+    monkeypatch.setattr(nested_ce_backward, "DW_CHUNK_BYTES", 1)
+    made = []
+    from_tensor = nested_ce_backward.TensorDescriptor.from_tensor
+    monkeypatch.setattr(nested_ce_backward.TensorDescriptor, "from_tensor",
+                        staticmethod(lambda t, block: made.append(tuple(block)) or from_tensor(t, block)))
+    check("triton", dims, True, True, dtype, kernel_device, d=200, label_smoothing=0.1, ignore_index=7)
+    assert made and all(len(b) == 2 for b in made)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_propagates(backend, kernel_device):
     device = kernel_device if backend == "triton" else "cpu"

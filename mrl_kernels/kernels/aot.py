@@ -46,6 +46,7 @@ class CompileReport:
     registers: int | None
     spill_bytes: int | None
     ordered_atomics: int  # see ordered_atomics()
+    bulk_reductions: int  # tiles reduced into global memory by one bulk tensor operation (TMA, sm_90)
     ptx: str
 
     @property
@@ -77,7 +78,8 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
     compiled, log = compile_with_ptxas_log(src, target, {"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
     registers, spills = ptxas_usage(log)
-    return CompileReport(fn.__name__, arch, compiled.metadata.shared, registers, spills, ordered_atomics(ptx), ptx)
+    return CompileReport(fn.__name__, arch, compiled.metadata.shared, registers, spills, ordered_atomics(ptx),
+                         ptx.count("cp.reduce.async.bulk.tensor"), ptx)
 
 
 def ordered_atomics(ptx: str) -> int:
@@ -115,7 +117,8 @@ def compile_with_ptxas_log(src, target, options):
 
 
 # Kernel modules whose aot_specs() are compiled; each yields (label, fn, signature, constexprs, options) where
-# options holds num_warps and optionally num_stages, exactly as the launcher passes them.
+# options holds num_warps and optionally num_stages, exactly as the launcher passes them, and optionally
+# min_arch: the variant is only launched from that arch on (reported as skipped below it).
 KERNEL_MODULES = ("mrl_kernels.kernels.prefix_norms", "mrl_kernels.kernels.nested_ce_forward",
                   "mrl_kernels.kernels.nested_ce_backward", "mrl_kernels.kernels.prefix_topk",
                   "mrl_kernels.kernels.prefix_filter")
@@ -125,6 +128,11 @@ def compile_spec(module: str, index: int, arch: int) -> dict:
     """The JSON report of spec `index` of `module`'s aot_specs() compiled for sm_<arch>; a compile error is
     reported, not raised, so one bad kernel does not hide the others."""
     label, fn, signature, constexprs, options = list(importlib.import_module(module).aot_specs())[index]
+    options = dict(options)
+    min_arch = options.pop("min_arch", 0)  # a variant the launcher only runs from that arch on
+    if arch < min_arch:
+        return {"label": f"{module.rsplit('.', 1)[-1]}[{label}]", "kernel": fn.__name__, "arch": arch,
+                "skipped": f"launched on sm_{min_arch}+ only", "error": None}
     try:
         report = asdict(compile_kernel(fn, signature, constexprs, arch, **options))
         del report["ptx"]

@@ -15,6 +15,7 @@ does not underflow fp16 (gradient_scale).
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .indexing import row_offsets
 from .nested_ce_forward import (CHUNK_FIELDS, LOG2E, aot_launches, chunk_plan, chunk_product, head_logits, head_tiles,
@@ -57,11 +58,21 @@ def add_tile_grads(grad, xt, wt, dx_ptrs, dw_ptrs, dx_mask, dw_mask, PRECISION: 
 
 
 @triton.jit
+def bulk_add_tile_grads(grad, xt, wt, dx_desc, dw_desc, row0, cls0, k, PRECISION: tl.constexpr):
+    """The same sums as add_tile_grads, each tile added by one tensor-descriptor reduction (on sm_90 one
+    cp.reduce.async.bulk.tensor: no per-element atomics, no layout conversion); the descriptors clip the rows
+    and classes past the end."""
+    g = grad.to(xt.dtype)
+    dx_desc.atomic_add([row0, k], tl.dot(g, wt, input_precision=PRECISION))
+    dw_desc.atomic_add([cls0, k], tl.dot(tl.trans(g), xt, input_precision=PRECISION))
+
+
+@triton.jit
 def nested_ce_backward_kernel(
-    X, W, BIAS, TARGET, LSE, COEF, DX, DW, DB, CHUNKS, FOLD_AT, HEADS,
+    X, W, BIAS, TARGET, LSE, COEF, DX, DW, DB, CHUNKS, FOLD_AT, HEADS, DX_DESC, DW_DESC,
     n_rows, n_classes, class_offset, total_classes, n_dims, n_chunks, k_start, k_end, stride_x, stride_w,
     stride_bias, smoothing, SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, K_ALIGN: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BULK_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cls = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -93,8 +104,12 @@ def nested_ce_backward_kernel(
                                     DB, stride_bias, smoothing, total_classes, SHARED, HAS_BIAS)
             xt = tl.load(x_rows + (k + kk)[None, :], mask=row_ok[:, None], other=0.0)
             wt = tl.load(w_rows + (k + kk)[None, :], mask=cls_ok[:, None], other=0.0)
-            add_tile_grads(grad, xt, wt, dx_rows + (k + kk)[None, :], dw_rows + (k + kk)[None, :],
-                           row_ok[:, None], cls_ok[:, None], PRECISION)
+            if BULK_REDUCE:  # whole tiles start at multiples of BLOCK_K: aligned as descriptors need
+                bulk_add_tile_grads(grad, xt, wt, DX_DESC, DW_DESC, tl.program_id(0) * BLOCK_M,
+                                    tl.program_id(1) * BLOCK_N, k, PRECISION)
+            else:
+                add_tile_grads(grad, xt, wt, dx_rows + (k + kk)[None, :], dw_rows + (k + kk)[None, :],
+                               row_ok[:, None], cls_ok[:, None], PRECISION)
             acc -= tl.dot(xt, tl.trans(wt), input_precision=PRECISION)  # step back to the previous boundary
         for back in range(n_chunks):  # then the chunks below k_start, last to first
             chunk = n_chunks - 1 - back
@@ -117,6 +132,19 @@ def nested_ce_backward_kernel(
                 xt, wt, col_ok = head_tiles(x_rows, w_rows, row_ok, cls_ok, k, m, w0, kk)
                 add_tile_grads(d, xt, wt, dx_rows + (k + kk)[None, :], dw_rows + (w0 + k + kk)[None, :],
                                row_ok[:, None] & col_ok[None, :], cls_ok[:, None] & col_ok[None, :], PRECISION)
+
+
+# Whole-tile gradients by tensor-descriptor bulk reductions (bulk_add_tile_grads) instead of per-element relaxed
+# atomics: off until a GPU run measures it (bench/nested_ce_gpu.py); the tests run it under the interpreter.
+# Needs a shared head, 16-bit inputs (the AOT-checked variants), fp32 rows of whole 16 bytes (D % 4 == 0) and,
+# on a GPU, sm_90 or later (TMA).
+BULK_REDUCE = False
+
+
+def use_bulk_reduce(x: torch.Tensor, shared: bool) -> bool:
+    if not (BULK_REDUCE and shared and x.dtype != torch.float32 and x.shape[1] % 4 == 0):
+        return False
+    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 # fp32 bytes of the dW accumulator: classes are launched in chunks of about this much (whole class tiles), each
@@ -149,6 +177,8 @@ def nested_ce_backward_triton(grad_losses, x, w, bias, target, lse, dims, shared
     db = torch.zeros(bias.shape, dtype=torch.float32, device=x.device) if bias is not None else x.new_empty(0)
     chunk = class_chunk(n_classes, w.shape[1], cfg["BLOCK_N"])
     dw_acc = torch.empty((chunk, w.shape[1]), dtype=torch.float32, device=x.device)
+    bulk = use_bulk_reduce(x, shared)
+    dx_desc = TensorDescriptor.from_tensor(dx, [cfg["BLOCK_M"], cfg["BLOCK_K"]]) if bulk else None
     for c0 in range(0, n_classes, chunk):
         c1 = min(n_classes, c0 + chunk)
         acc = dw_acc[:c1 - c0].zero_()
@@ -156,10 +186,11 @@ def nested_ce_backward_triton(grad_losses, x, w, bias, target, lse, dims, shared
         grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), triton.cdiv(c1 - c0, cfg["BLOCK_N"]))
         nested_ce_backward_kernel[grid](
             x, w_c, bias[:, c0:c1] if bias is not None else w_c, target, lse, coef, dx, acc,
-            db[:, c0:c1] if bias is not None else acc, plan.chunks, plan.fold_at, plan.heads, n_rows, c1 - c0, c0,
+            db[:, c0:c1] if bias is not None else acc, plan.chunks, plan.fold_at, plan.heads, dx_desc,
+            TensorDescriptor.from_tensor(acc, [cfg["BLOCK_N"], cfg["BLOCK_K"]]) if bulk else None, n_rows, c1 - c0, c0,
             n_classes, len(dims), plan.chunks.shape[0], plan.k_start, plan.k_end, x.stride(0), w.stride(0),
             bias.stride(0) if bias is not None else 0, float(label_smoothing),
-            SHARED=shared, HAS_BIAS=bias is not None, K_ALIGN=plan.k_align, **cfg)
+            SHARED=shared, HAS_BIAS=bias is not None, K_ALIGN=plan.k_align, BULK_REDUCE=bulk, **cfg)
         dw[c0:c1] = acc.mul_(unscale)
     db = db.mul_(unscale).to(bias.dtype) if bias is not None else db
     return dx.mul_(unscale).to(x.dtype), dw, db
@@ -179,14 +210,24 @@ def gradient_scale(coef: torch.Tensor) -> torch.Tensor:
 
 
 def aot_specs():
+    """The shipped launches (per-element relaxed atomics), each followed, for 16-bit shared heads, by its
+    bulk-reduction variant (BULK_REDUCE), compiled for sm_90 only: that is where use_bulk_reduce launches it
+    (on sm_80 Triton emulates the descriptor reduction with acq_rel atomics)."""
     from .aot import pointer  # the compiler module: imported by the AOT check only, not by a launch
 
     for label, dtype, constexprs, options in aot_launches(backward=True):
-        signature = {"X": pointer(dtype), "W": pointer(dtype), "BIAS": pointer(dtype), "TARGET": "*i64",
-                     "LSE": "*fp32", "COEF": "*fp32", "DX": "*fp32", "DW": "*fp32", "DB": "*fp32", "CHUNKS": "*i32",
-                     "FOLD_AT": "*i32", "HEADS": "*i32", "n_rows": "i32", "n_classes": "i32", "class_offset": "i32",
-                     "total_classes": "i32", "n_dims": "i32",
-                     "n_chunks": "i32", "k_start": "i32", "k_end": "i32", "stride_x": "i32", "stride_w": "i32",
-                     "stride_bias": "i32", "smoothing": "fp32"}
-        signature.update({name: "constexpr" for name in constexprs})
-        yield label, nested_ce_backward_kernel, signature, constexprs, options
+        variants = [(label, dict(constexprs, BULK_REDUCE=False, DX_DESC=None, DW_DESC=None), options)]
+        if dtype != torch.float32 and constexprs["SHARED"]:  # use_bulk_reduce: sm_90+ (sm_80 emulates TMA)
+            variants.append((f"{label}-bulk", dict(constexprs, BULK_REDUCE=True), dict(options, min_arch=90)))
+        for name, consts, opts in variants:
+            m, n, k = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"]
+            descriptors = ({"DX_DESC": f"tensordesc<fp32[{m}, {k}]>", "DW_DESC": f"tensordesc<fp32[{n}, {k}]>"}
+                           if consts["BULK_REDUCE"] else {"DX_DESC": "constexpr", "DW_DESC": "constexpr"})
+            signature = {"X": pointer(dtype), "W": pointer(dtype), "BIAS": pointer(dtype), "TARGET": "*i64",
+                         "LSE": "*fp32", "COEF": "*fp32", "DX": "*fp32", "DW": "*fp32", "DB": "*fp32",
+                         "CHUNKS": "*i32", "FOLD_AT": "*i32", "HEADS": "*i32", **descriptors, "n_rows": "i32",
+                         "n_classes": "i32", "class_offset": "i32", "total_classes": "i32", "n_dims": "i32",
+                         "n_chunks": "i32", "k_start": "i32", "k_end": "i32", "stride_x": "i32", "stride_w": "i32",
+                         "stride_bias": "i32", "smoothing": "fp32"}
+            signature.update({c: "constexpr" for c in consts if c not in signature})
+            yield name, nested_ce_backward_kernel, signature, consts, opts
