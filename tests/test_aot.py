@@ -43,7 +43,8 @@ def test_every_kernel_compiles(reports, archs):
             continue
         assert r["registers"] is not None and r["spill_bytes"] is not None, f"{r['label']}: no ptxas report"
         print(f"{r['label']} sm_{r['arch']}: shared={r['shared']} B registers={r['registers']} "
-              f"spill stores={r['spill_bytes']} B")
+              f"spill stores={r['spill_bytes']} B wgmma={','.join(r['wgmma_shapes']) or '-'}"
+              f"{' serialized (C7515)' if r['wgmma_serialized'] else ''}")
         assert r["fits"], f"{r['label']}: {r['shared']} B shared memory over sm_{r['arch']}'s limit"
         assert r["ordered_atomics"] == 0, f"{r['label']} sm_{r['arch']}: atomics with acq_rel ordering (see aot.py)"
         if r["label"].endswith("-bulk]") and r["arch"] >= 90:  # dX and dW tiles: one bulk reduction each
@@ -53,6 +54,14 @@ def test_every_kernel_compiles(reports, archs):
 def test_ordered_atomics_are_detected():
     assert aot.ordered_atomics("@%p1 atom.global.gpu.acq_rel.add.v4.f32 {%r1}, [%rd2], {%r3};") == 1
     assert aot.ordered_atomics("red.global.gpu.relaxed.add.f32 [%rd2], %r3;\natom.global.add.f32 %r1, [%rd2], %r3;") == 0
+
+
+def test_wgmma_shapes_are_read_from_the_ptx():
+    ptx = ("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd1, %rd2, 1, 1, 1, 0, 1;\n"
+           "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%f2}, %rd3, %rd4, 1, 1, 1, 0, 1;\n"
+           "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f3}, %rd5, %rd6, 1, 1, 1, 0, 1;")
+    assert aot.wgmma_shapes(ptx) == ["m64n32k16", "m64n64k16"]
+    assert aot.wgmma_shapes("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == []
 
 
 def test_ptxas_log_is_parsed():

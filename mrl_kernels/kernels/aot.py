@@ -47,6 +47,8 @@ class CompileReport:
     spill_bytes: int | None
     ordered_atomics: int  # see ordered_atomics()
     bulk_reductions: int  # tiles reduced into global memory by one bulk tensor operation (TMA, sm_90)
+    wgmma_shapes: list  # the warpgroup MMA shapes in the PTX (sm_90), e.g. ["m64n128k16"]
+    wgmma_serialized: bool  # ptxas C7515: every wgmma waited on (no overlap of tensor-core work)
     ptx: str
 
     @property
@@ -79,7 +81,13 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
     ptx = compiled.asm["ptx"]
     registers, spills = ptxas_usage(log)
     return CompileReport(fn.__name__, arch, compiled.metadata.shared, registers, spills, ordered_atomics(ptx),
-                         ptx.count("cp.reduce.async.bulk.tensor"), ptx)
+                         ptx.count("cp.reduce.async.bulk.tensor"), wgmma_shapes(ptx), "(C7515)" in log, ptx)
+
+
+def wgmma_shapes(ptx: str) -> list:
+    """Sorted distinct m/n/k shapes of the wgmma instructions in `ptx`: 64 x 64 tiles use a quarter of what a
+    64 x 256 wgmma could issue at once, so the shape says how well a config feeds Hopper's tensor cores."""
+    return sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))
 
 
 def ordered_atomics(ptx: str) -> int:
