@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from bench.harness import rel_err
+
 STEP_SECONDS = {"reduce": 30, "mm": 15, "sweep": 130, "suite": 120}  # 295 s in all
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): NESTED_CE_GPU.md's candidates, and the shipped configs.
 FORWARD_CONFIGS = [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
@@ -74,9 +76,8 @@ def tile_reductions(device: str, quick: bool, deadline: float):
             ms = bench(lambda: tile_reduce.add_tiles(out, programs, kind))
             out.zero_()
             tile_reduce.add_tiles(out, programs, kind)
-            tiles = out.double().reshape(rows // 128, 128, cols // 64, 64).permute(0, 2, 1, 3).reshape(n_tiles, -1)
-            exact = bool(torch.equal(tiles.cpu(), tile_reduce.expected_sums(n_tiles, programs)[:, None].expand_as(
-                tiles.cpu())))
+            tiles = tile_reduce.per_tile(out)
+            exact = bool(torch.equal(tiles, tile_reduce.expected_sums(n_tiles, programs)[:, None].expand_as(tiles)))
             yield {"step": "reduce", "kind": kind, "target_mb": rows * cols * 4 / 2**20, "programs": programs,
                    "ms": ms, "gbps_reduced": programs * 128 * 64 * 4 / ms / 1e6, "exact": exact}
         del out
@@ -116,10 +117,6 @@ def _launch_config(forward_tiles: tuple | None, backward_tiles: tuple | None, bu
         nested_ce_backward.BULK_REDUCE = bulk_shipped
 
 
-def _errors(out, ref) -> float:
-    return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(out, ref))
-
-
 def config_sweep(device: str, quick: bool, deadline: float):
     import mrl_kernels as mk
 
@@ -153,7 +150,7 @@ def config_sweep(device: str, quick: bool, deadline: float):
                     record["fwd_ms"] = bench(lambda: mk.matryoshka_linear_cross_entropy(x, w, t, dims,
                                                                                         backend="triton"))
                 record["fwd_bwd_ms"] = bench(lambda: step("triton", x, w))
-                record["rel_err_vs_fp32"] = _errors(step("triton", x, w), ref)
+                record["rel_err_vs_fp32"] = rel_err(step("triton", x, w), ref)
         except Exception as exc:  # a config the compiler or the chip refuses is a result, not a crash
             record["error"] = f"{type(exc).__name__}: {exc}"[:300]
         yield record

@@ -9,6 +9,8 @@ bench/nested_ce_gpu.py (issue 9: whether the fused backward can accumulate dX an
 Program p adds the constant (p % 7 + 1) to every element of tile p % n_tiles of OUT [n_rows, n_cols] (row-
 major tiles of BLOCK_M x BLOCK_N), so the expected result is known in closed form (expected_sums).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -48,10 +50,23 @@ def add_tiles(out: torch.Tensor, programs: int, kind: str, block_m: int = 128, b
     if out.dtype != torch.float32 or not out.is_contiguous() or n_rows % block_m or n_cols % block_n:
         raise ValueError(f"out must be contiguous fp32 of whole {block_m} x {block_n} tiles, got "
                          f"{tuple(out.shape)} {out.dtype}")
-    if kind == "tma" and out.is_cuda:  # in-kernel descriptors need a global scratch buffer on the GPU
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=out.device))
+    if kind == "tma" and out.is_cuda:
+        _install_scratch_allocator(out.device)
     n_tiles = (n_rows // block_m) * (n_cols // block_n)
     KERNELS[kind][(programs,)](out, n_rows, n_cols, n_tiles, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+
+
+@functools.cache
+def _install_scratch_allocator(device: torch.device) -> None:
+    """In-kernel descriptors need a global scratch buffer on the GPU: installed once, not on every (timed) call."""
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+
+
+def per_tile(out: torch.Tensor, block_m: int = 128, block_n: int = 64) -> torch.Tensor:
+    """[n_tiles, block_m * block_n] float64 on the CPU: out's elements tile by tile, in add_tiles' tile order."""
+    n_rows, n_cols = out.shape
+    tiles = out.detach().cpu().double().reshape(n_rows // block_m, block_m, n_cols // block_n, block_n)
+    return tiles.permute(0, 2, 1, 3).reshape(-1, block_m * block_n)
 
 
 def expected_sums(n_tiles: int, programs: int) -> torch.Tensor:

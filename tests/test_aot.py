@@ -1,6 +1,7 @@
 """Every Triton kernel compiles for sm_80 and sm_90 at the configs the library launches, within the
-chip's shared memory, with relaxed atomics only; registers and spills are reported (run with -s to see them). The interpreter tests alone would miss code only the
-compiler rejects; compiling needs the interpreter off, hence the subprocess."""
+chip's shared memory, with relaxed atomics only; registers, spills and wgmma shapes are reported (run with -s
+to see them). The interpreter tests alone would miss code only the compiler rejects; compiling needs the
+interpreter off, hence the subprocess."""
 import json
 import os
 import subprocess
@@ -79,4 +80,3 @@ def test_launchers_do_not_import_the_compiler_module():
             "mrl_kernels.kernels.nested_ce_backward; assert 'mrl_kernels.kernels.aot' not in sys.modules")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, timeout=300)
-

@@ -136,18 +136,19 @@ def compile_spec(module: str, index: int, arch: int) -> dict:
     """The JSON report of spec `index` of `module`'s aot_specs() compiled for sm_<arch>; a compile error is
     reported, not raised, so one bad kernel does not hide the others."""
     label, fn, signature, constexprs, options = list(importlib.import_module(module).aot_specs())[index]
+    label = f"{module.rsplit('.', 1)[-1]}[{label}]"
     options = dict(options)
     min_arch = options.pop("min_arch", 0)  # a variant the launcher only runs from that arch on
     if arch < min_arch:
-        return {"label": f"{module.rsplit('.', 1)[-1]}[{label}]", "kernel": fn.__name__, "arch": arch,
-                "skipped": f"launched on sm_{min_arch}+ only", "error": None}
+        return {"label": label, "kernel": fn.__name__, "arch": arch, "skipped": f"launched on sm_{min_arch}+ only",
+                "error": None}
     try:
         report = asdict(compile_kernel(fn, signature, constexprs, arch, **options))
         del report["ptx"]
         report.update(fits=report["shared"] <= SHARED_LIMIT[arch], error=None)
     except Exception as exc:
         report = {"kernel": fn.__name__, "arch": arch, "error": f"{type(exc).__name__}: {exc}"}
-    return {"label": f"{module.rsplit('.', 1)[-1]}[{label}]", **report}
+    return {"label": label, **report}
 
 
 def _compile_task(task):

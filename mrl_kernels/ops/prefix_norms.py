@@ -39,16 +39,18 @@ def prefix_norms(x: torch.Tensor, dims, backend: str = "auto") -> torch.Tensor:
     computed as without it (norms are fp32 ops for autocast).
 
     backend: "auto" (Triton on CUDA tensors; on the CPU a running sum of squares for small x without gradient,
-    the chunked fallback for wide, large x, else the eager loop), "triton", "cuda" (CuPy), "torch" (chunked: reads x once whatever the number of dims), "eager" (one
-    torch.linalg.vector_norm per dim, autograd through torch) or "reference".
+    the chunked fallback for wide, large x, else the eager loop), "triton", "cuda" (CuPy), "torch" (chunked:
+    reads x once whatever the number of dims), "eager" (one torch.linalg.vector_norm per dim, autograd
+    through torch) or "reference".
     """
     check_tensor(x, "x", ndim=2)
     dims = check_dims(dims, x.shape[1])
+    wants_grad = x.requires_grad and torch.is_grad_enabled()
     if backend == "auto" and x.is_cpu:
         width = max(dims)
         elements = x.shape[0] * width
         if (width <= RUNNING_SUM_MAX_COLS and elements <= RUNNING_SUM_MAX_ELEMENTS and len(dims) >= RUNNING_SUM_MIN_DIMS
-                and not (x.requires_grad and torch.is_grad_enabled())):
+                and not wants_grad):
             return prefix_norms_running_sum(x, dims)
         backend = "torch" if width >= FALLBACK_MIN_COLS and elements >= FALLBACK_MIN_ELEMENTS else "eager"
     else:
@@ -60,7 +62,7 @@ def prefix_norms(x: torch.Tensor, dims, backend: str = "auto") -> torch.Tensor:
     if backend in ("triton", "cuda") and x.dtype == torch.float64:
         raise TypeError(f"prefix_norms: backend={backend!r} takes fp32/fp16/bf16 x, got float64; "
                         "use backend='torch'")
-    if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+    if torch.compiler.is_compiling() or wants_grad:
         return _prefix_norms_op(x, list(dims), backend)  # the custom op: autograd, and opaque to the compiler
     return _run(x, dims, backend)  # no gradient wanted: no dispatcher round trip
 
