@@ -40,6 +40,8 @@ BACKWARD_CONFIGS = [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8,
                     (128, 64, 64, 4, 3)]
 SWEEP_SHAPE = dict(n=4096, c=32768, d=2048, dims=tuple(8 << i for i in range(9)))
 QUICK_SWEEP_SHAPE = dict(n=64, c=256, d=64, dims=(8, 16, 32, 64))
+# The CPU tryout runs the interpreter, which has no descriptor reduce (only the tests' conftest shims it).
+NO_DESCRIPTOR_REDUCE = "no descriptor reduce in the interpreter"
 
 
 def _timer(device: str):
@@ -70,8 +72,8 @@ def tile_reductions(device: str, quick: bool, deadline: float):
         for kind in tile_reduce.KERNELS:
             if time.monotonic() > deadline:
                 return
-            if kind == "tma" and device == "cpu":  # the interpreter has no descriptor reduce (the tests shim it)
-                yield {"step": "reduce", "kind": kind, "skipped": "no descriptor reduce in the interpreter"}
+            if kind == "tma" and device == "cpu":
+                yield {"step": "reduce", "kind": kind, "skipped": NO_DESCRIPTOR_REDUCE}
                 continue
             ms = bench(lambda: tile_reduce.add_tiles(out, programs, kind))
             out.zero_()
@@ -140,6 +142,9 @@ def config_sweep(device: str, quick: bool, deadline: float):
     backward = [(f"backward{'-bulk' if bulk else ''}", None, cfg, bulk) for cfg in BACKWARD_CONFIGS for bulk in (False, True)]
     runs = backward[:2] + [("forward", cfg, None, False) for cfg in FORWARD_CONFIGS] + backward[2:]
     for which, fwd_cfg, bwd_cfg, bulk in runs:
+        if bulk and device == "cpu":  # as in tile_reductions: the interpreter has no descriptor reduce
+            yield {"step": "sweep", "which": which, "config": bwd_cfg, "skipped": NO_DESCRIPTOR_REDUCE}
+            continue
         if time.monotonic() > deadline:
             yield {"step": "sweep", "which": which, "config": fwd_cfg or bwd_cfg, "error": "out of time"}
             continue

@@ -69,6 +69,23 @@ def test_gpu_run_script_tries_out_on_the_cpu(tmp_path):
     assert all(r["device"] == "cpu" and r["triton"] for r in records)
 
 
+@pytest.mark.triton
+def test_gpu_run_sweep_skips_bulk_reductions_on_the_cpu(tmp_path, monkeypatch):
+    """The CPU tryout of the config sweep: bulk-reduction runs are skipped with the reason, the others run
+    (a BLOCK_K of 32 gives whole tiles at dims 32 and 64, where the bulk path would start)."""
+    import json
+
+    from bench import nested_ce_gpu
+
+    monkeypatch.setattr(nested_ce_gpu, "FORWARD_CONFIGS", [])
+    monkeypatch.setattr(nested_ce_gpu, "BACKWARD_CONFIGS", [(64, 128, 32, 4, 3)])
+    assert nested_ce_gpu.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--step", "sweep"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "nested_ce_gpu.jsonl").read_text().splitlines()]
+    by = {r["which"]: r for r in records}
+    assert by["backward-bulk"]["skipped"] == nested_ce_gpu.NO_DESCRIPTOR_REDUCE
+    assert by["backward"]["rel_err_vs_fp32"] < 1e-2 and "error" not in by["backward"]
+
+
 def test_launch_config_override_is_scoped():
     from bench import nested_ce_gpu
     from mrl_kernels.kernels import nested_ce_backward, nested_ce_forward
