@@ -23,10 +23,9 @@ FALLBACK_MIN_COLS = 256
 FALLBACK_MIN_ELEMENTS = 1 << 20
 # Below both of these (x[:, :max(dims)] at most RUNNING_SUM_MAX_COLS wide and RUNNING_SUM_MAX_ELEMENTS large),
 # a call that wants no gradient and has at least RUNNING_SUM_MIN_DIMS dims takes prefix_norms_running_sum: four
-# ops whatever the number of dims, where the loop's two per dim (slice, norm) dominate. Same CPU (fp32, dims
-# 8, 16, ...; without validation): N=64, D=64: 9.3 us against the loop's 16.2; N=256, D=64: 18.2 vs 20.8;
-# N=1001, D=64: 39.9 vs 39.5 (parity, the bound); at D = 256 and up it was slower (N=1001: 129 vs 64 us);
-# with two dims the loop's five ops were as cheap (N=64, D=16: 8.2 us, the running sum 9.3 with validation).
+# ops whatever the number of dims, where the loop's two per dim (slice, norm) dominate. The bounds are where
+# it stopped winning on this library's CPU: parity at N * D = 2**16 with D = 64, slower from D = 256 on, and
+# no faster than the loop's five ops with two dims (measurements: bench/NOTES.md).
 RUNNING_SUM_MAX_COLS = 64
 RUNNING_SUM_MAX_ELEMENTS = 1 << 16
 RUNNING_SUM_MIN_DIMS = 3
