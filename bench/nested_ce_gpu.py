@@ -101,10 +101,10 @@ def _launch_config(forward_tiles: tuple | None, backward_tiles: tuple | None, bu
 
     shipped = nested_ce_forward.launch_config
 
-    def config(dtype, backward=False):
+    def config(dtype, backward=False, tma=False):
         tiles = backward_tiles if backward else forward_tiles
         if tiles is None or dtype == torch.float32:
-            return shipped(dtype, backward)
+            return shipped(dtype, backward, tma)
         m, n, k, warps, stages = tiles
         return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": stages,
                 "PRECISION": "tf32"}

@@ -171,7 +171,7 @@ def test_class_splits_combine_exactly(kernel_device, shared):
     w = w if shared else torch.cat(w, 1)
     b = b[None] if shared else torch.stack([torch.zeros(301, device=kernel_device) if v is None else v for v in b])
     for splits in (1, 3):
-        part = lse_partials(x, w, b, t, dims, shared, 0.1, splits=splits)
+        part = lse_partials(x, w, b, dims, shared, splits=splits)
         # Maxima start at -inf and a fold's sum of exps is at least 1 (the max's own term).
         assert part.shape[0] == splits and part[:, 0].isfinite().all() and (part[:, 1] >= 1).all()
     one = mk.matryoshka_linear_cross_entropy(x, w if shared else list(torch.split(w, dims, 1)), t, dims,
@@ -180,6 +180,50 @@ def test_class_splits_combine_exactly(kernel_device, shared):
                                              if shared else [v.double() for v in torch.split(w, dims, 1)],
                                              t, dims, backend="torch", reduction="none")
     assert rel_error(one, ref) < 1e-5
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dims", [(8, 16, 64, 192), (16, 40, 136), (192, 64)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_forward_by_tma_boxes(kernel_device, dtype, dims, splits):
+    """The shared head's forward through tensor descriptors (16-bit, rows of whole 16 bytes): boxes below k_start
+    that restart at negative columns, rows and classes past the end (N=37, C=301: the padded classes start at
+    -inf), class splits with tiles past the last class, bias and label smoothing; against float64."""
+    from mrl_kernels.kernels import nested_ce_forward
+
+    launches = []
+    kernel = nested_ce_forward.nested_lse_forward_kernel
+    x, w, b, t = make_inputs(dims, True, True, dtype, kernel_device, c=301, d=200, seed=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nested_ce_forward, "nested_lse_forward_kernel",
+                      type("Spy", (), {"__getitem__": lambda _, grid: lambda *a, **k: (launches.append(k["TMA"]),
+                                                                                         kernel[grid](*a, **k))})())
+        patch.setattr(nested_ce_forward, "class_splits", lambda *args: splits)
+        losses, _ = nested_ce_forward.nested_ce_forward_triton(x, w, b[None], t, dims, True, -100, 0.1)
+    assert launches == [True]
+    _, ref = reference.nested_cross_entropy(float64(x), float64(w), t.cpu(), dims, bias=float64(b),
+                                            reduction="none", label_smoothing=0.1, return_per_dim=True)
+    assert rel_error(losses, ref) < TOL[dtype]
+
+
+def test_box_chunks_cover_each_prefix_exactly():
+    """Every fold of the TMA box plan sees the boxes since the last restart cover [0, m) exactly: the ones
+    starting at negative columns read zeros there, none reaches past m; box starts are whole 16 bytes
+    for the paper's dims (ResNet-50: 8, 16, ...; and the plan reaches k_start for the whole tiles)."""
+    from mrl_kernels.kernels.nested_ce_forward import box_chunks
+
+    for dims, k_start in [((8, 16, 32, 64, 128, 256, 512, 1024, 2048), 64), ((12, 24, 48, 96, 192), 128),
+                          ((3, 17, 70), 70), ((100, 50, 16), 128), ((64, 128), 0), ((40, 16, 136), 192)]:
+        covered, folded = None, {}
+        for k0, restart, _, dim in box_chunks(dims, k_start, 16):
+            covered = set() if restart or covered is None else covered
+            covered |= set(range(max(k0, 0), k0 + 16))
+            if dim >= 0:
+                folded[dim] = covered.copy()
+        assert folded == {j: set(range(m)) for j, m in enumerate(dims) if m <= k_start}
+        assert covered is None if not k_start else covered == set(range(k_start))
+    assert all(k0 % 8 == 0 for k0, *_ in box_chunks((8, 16, 32, 64, 128), 64, 16))
 
 
 @pytest.mark.triton

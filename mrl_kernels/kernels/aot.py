@@ -46,7 +46,9 @@ class CompileReport:
     registers: int | None
     spill_bytes: int | None
     ordered_atomics: int  # see ordered_atomics()
+    tma_loads: int  # tiles loaded from global memory by one bulk tensor copy (TMA, sm_90)
     bulk_reductions: int  # tiles reduced into global memory by one bulk tensor operation (TMA, sm_90)
+    scalar_atomics: int  # per-element atomic instructions (red / atom on global memory)
     wgmma_shapes: list  # the warpgroup MMA shapes in the PTX (sm_90), e.g. ["m64n128k16"]
     wgmma_serialized: bool  # ptxas C7515: every wgmma waited on (no overlap of tensor-core work)
     ptx: str
@@ -81,13 +83,20 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
     ptx = compiled.asm["ptx"]
     registers, spills = ptxas_usage(log)
     return CompileReport(fn.__name__, arch, compiled.metadata.shared, registers, spills, ordered_atomics(ptx),
-                         ptx.count("cp.reduce.async.bulk.tensor"), wgmma_shapes(ptx), "(C7515)" in log, ptx)
+                         ptx.count("cp.async.bulk.tensor"), ptx.count("cp.reduce.async.bulk.tensor"),
+                         scalar_atomics(ptx), wgmma_shapes(ptx), "(C7515)" in log, ptx)
 
 
 def wgmma_shapes(ptx: str) -> list:
     """Sorted distinct m/n/k shapes of the wgmma instructions in `ptx`: 64 x 64 tiles use a quarter of what a
     64 x 256 wgmma could issue at once, so the shape says how well a config feeds Hopper's tensor cores."""
     return sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))
+
+
+def scalar_atomics(ptx: str) -> int:
+    """Atomic instructions on global memory (`red.global` / `atom.global`, predicated or not): each adds one
+    element (or a 4-vector) at a time, where a bulk tensor reduction adds a whole tile."""
+    return len(re.findall(r"^\s*(?:@!?%p\d+\s+)?(?:red|atom)\.global", ptx, re.M))
 
 
 def ordered_atomics(ptx: str) -> int:

@@ -123,8 +123,8 @@ def nested_ce_backward_kernel(
                            row_ok[:, None] & col_ok[None, :], cls_ok[:, None] & col_ok[None, :], PRECISION)
     else:
         for head in range(n_dims):
-            acc, m, w0 = head_logits(x_rows, w_rows, row_ok, cls_ok, HEADS, head, K_ALIGN, BLOCK_M, BLOCK_N, BLOCK_K,
-                                     PRECISION)
+            acc, m, w0 = head_logits(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), x_rows, w_rows, row_ok, cls_ok, HEADS,
+                                     head, K_ALIGN, BLOCK_K, PRECISION)
             d = add_dim_grad(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), acc, tl.load(HEADS + 3 * head + 2), cls,
                              cls_ok, class_offset, row_ok, target, LSE, COEF, stats, BIAS, DB, stride_bias, smoothing,
                              total_classes, SHARED, HAS_BIAS)
