@@ -7,8 +7,9 @@
    tiles reduced. Tells whether the L2 absorbs the backward's bulk reductions (../shared/NESTED_CE_GPU.md).
 2. The bf16 matmul ceiling (8192^3), the unit the targets are counted in.
 3. The shipped nested-CE kernels over candidate tile configs (launch_config overridden) at N=4096, C=32,768,
-   D=2048, 9 dims, bf16: forward alone and forward+backward, the backward with per-element atomics and with
-   bulk tile reductions (BULK_REDUCE), each config's loss and gradient error against the fp32 torch backend;
+   D=2048, 9 dims, bf16: forward alone and forward+backward, the backward by the TMA kernel (TMA loads, bulk
+   tile reductions; shipped on sm_90) and by the pointer kernel (per-element relaxed atomics), each config's
+   loss and gradient error against the fp32 torch backend;
    a config that fails to compile or run is recorded with its error.
 4. The nested_ce suite, fwd+bwd at every head (python -m bench run nested_ce, NESTED_CE_MODES=fwd+bwd).
 
@@ -33,11 +34,12 @@ import torch
 from bench.harness import rel_err
 
 STEP_SECONDS = {"reduce": 30, "mm": 15, "sweep": 130, "suite": 120}  # 295 s in all
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): NESTED_CE_GPU.md's candidates, and the shipped configs.
-FORWARD_CONFIGS = [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
-                   (64, 128, 64, 4, 4)]
-BACKWARD_CONFIGS = [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 32, 4, 3),
-                    (128, 64, 64, 4, 3)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the shipped TMA configs first (launch_config), then
+# NESTED_CE_GPU.md's candidates.
+FORWARD_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+                   (64, 128, 64, 8, 3)]
+BACKWARD_CONFIGS = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4),
+                    (64, 128, 32, 4, 3)]
 SWEEP_SHAPE = dict(n=4096, c=32768, d=2048, dims=tuple(8 << i for i in range(9)))
 QUICK_SWEEP_SHAPE = dict(n=64, c=256, d=64, dims=(8, 16, 32, 64))
 # The CPU tryout runs the interpreter, which has no descriptor reduce (only the tests' conftest shims it).
@@ -94,12 +96,12 @@ def mm_ceiling(device: str, quick: bool, deadline: float):
 
 
 @contextlib.contextmanager
-def _launch_config(forward_tiles: tuple | None, backward_tiles: tuple | None, bulk_reduce: bool = False):
-    """Overrides the nested-CE kernels' tiles (16-bit inputs) for the forward and/or the backward, and whether
-    the backward adds its whole tiles by bulk reductions (nested_ce_backward.BULK_REDUCE)."""
+def _launch_config(forward_tiles: tuple | None, backward_tiles: tuple | None, backward_tma: bool = True):
+    """Overrides the nested-CE kernels' tiles (16-bit inputs) for the forward and/or the backward (None: the
+    shipped ones), and with backward_tma=False keeps the backward off its TMA kernel (the pointer kernel)."""
     from mrl_kernels.kernels import nested_ce_backward, nested_ce_forward
 
-    shipped = nested_ce_forward.launch_config
+    shipped, shipped_tma = nested_ce_forward.launch_config, nested_ce_backward.use_tma
 
     def config(dtype, backward=False, tma=False):
         tiles = backward_tiles if backward else forward_tiles
@@ -109,14 +111,13 @@ def _launch_config(forward_tiles: tuple | None, backward_tiles: tuple | None, bu
         return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": stages,
                 "PRECISION": "tf32"}
 
-    bulk_shipped = nested_ce_backward.BULK_REDUCE
     nested_ce_forward.launch_config = nested_ce_backward.launch_config = config
-    nested_ce_backward.BULK_REDUCE = bulk_reduce
+    nested_ce_backward.use_tma = lambda *tensors: backward_tma and shipped_tma(*tensors)
     try:
         yield
     finally:
         nested_ce_forward.launch_config = nested_ce_backward.launch_config = shipped
-        nested_ce_backward.BULK_REDUCE = bulk_shipped
+        nested_ce_backward.use_tma = shipped_tma
 
 
 def config_sweep(device: str, quick: bool, deadline: float):
@@ -138,11 +139,12 @@ def config_sweep(device: str, quick: bool, deadline: float):
     x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref = step("torch", x32, w32)
     bench = _timer(device)
-    # The shipped backward tiles with and without bulk reductions first: the question this run is for.
-    backward = [(f"backward{'-bulk' if bulk else ''}", None, cfg, bulk) for cfg in BACKWARD_CONFIGS for bulk in (False, True)]
-    runs = backward[:2] + [("forward", cfg, None, False) for cfg in FORWARD_CONFIGS] + backward[2:]
-    for which, fwd_cfg, bwd_cfg, bulk in runs:
-        if bulk and device == "cpu":  # as in tile_reductions: the interpreter has no descriptor reduce
+    # The shipped backward tiles by both kernels first: the question this run is for.
+    backward = [(f"backward-{'tma' if tma else 'pointer'}", None, cfg, tma) for cfg in BACKWARD_CONFIGS
+                for tma in (True, False)]
+    runs = backward[:2] + [("forward", cfg, None, True) for cfg in FORWARD_CONFIGS] + backward[2:]
+    for which, fwd_cfg, bwd_cfg, tma in runs:
+        if which == "backward-tma" and device == "cpu":  # as in tile_reductions: no descriptor reduce there
             yield {"step": "sweep", "which": which, "config": bwd_cfg, "skipped": NO_DESCRIPTOR_REDUCE}
             continue
         if time.monotonic() > deadline:
@@ -150,7 +152,7 @@ def config_sweep(device: str, quick: bool, deadline: float):
             continue
         record = {"step": "sweep", "which": which, "config": fwd_cfg or bwd_cfg, **{k: v for k, v in shape.items()}}
         try:
-            with _launch_config(fwd_cfg, bwd_cfg, bulk):
+            with _launch_config(fwd_cfg, bwd_cfg, tma):
                 with torch.no_grad():
                     record["fwd_ms"] = bench(lambda: mk.matryoshka_linear_cross_entropy(x, w, t, dims,
                                                                                         backend="triton"))

@@ -241,23 +241,35 @@ def test_backward_in_class_chunks(kernel_device, monkeypatch, shared, dtype):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("dims", [(12, 24, 96, 192), (8, 16, 64, 192), (192,)])
-def test_backward_by_bulk_tile_reductions(kernel_device, monkeypatch, dims, dtype):
-    """The backward with its whole-tile gradients added by tensor-descriptor reductions (BULK_REDUCE; the
-    interpreter runs them through the root conftest's shim), in class chunks, with bias, smoothing and
-    ignored rows: the same sums as the per-element atomics."""
+@pytest.mark.parametrize("dims,d", [((12, 24, 96, 192), 200), ((8, 16, 64, 192), 200), ((192,), 200),
+                                    ((17, 3, 70), 80)])
+def test_backward_by_tma(kernel_device, monkeypatch, dims, d, dtype):
+    """The shared head's TMA backward (16-bit rows of whole 16 bytes; gradient tiles added by tensor-descriptor
+    reductions, which the interpreter runs through the root conftest's shim): 16-wide boxes cut into pieces at
+    the boundaries below k_start (12, 24, 96 and 3, 17 inside boxes; 70 inside the last box, with features past
+    it), class chunks of one tile (C=101: the second chunk ragged), rows past the end (N=37), bias, smoothing
+    and ignored rows; against float64."""
     from mrl_kernels.kernels import nested_ce_backward
 
     if kernel_device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("bulk tile reductions are launched on sm_90 and later only")
-    monkeypatch.setattr(nested_ce_backward, "BULK_REDUCE", True)
+        pytest.skip("the TMA backward is launched on sm_90 and later only")
     monkeypatch.setattr(nested_ce_backward, "DW_CHUNK_BYTES", 1)
-    made = []
-    from_tensor = nested_ce_backward.TensorDescriptor.from_tensor
-    monkeypatch.setattr(nested_ce_backward.TensorDescriptor, "from_tensor",
-                        staticmethod(lambda t, block: made.append(tuple(block)) or from_tensor(t, block)))
-    check("triton", dims, True, True, dtype, kernel_device, d=200, label_smoothing=0.1, ignore_index=7)
-    assert made and all(len(b) == 2 for b in made)
+    launches = []
+    kernel = nested_ce_backward.nested_ce_backward_tma_kernel
+    monkeypatch.setattr(nested_ce_backward, "nested_ce_backward_tma_kernel",
+                        type("Spy", (), {"__getitem__": lambda _, grid: lambda *a, **k: (launches.append(grid),
+                                                                                         kernel[grid](*a, **k))})())
+    check("triton", dims, True, True, dtype, kernel_device, d=d, label_smoothing=0.1, ignore_index=7)
+    assert len(launches) == 2  # one per class chunk
+
+
+def test_head_pieces_cut_at_boxes_and_boundaries():
+    from mrl_kernels.kernels.nested_ce_backward_tma import head_pieces
+
+    assert head_pieces((8, 16, 64, 2048), 64, 16).tolist() == [
+        [48, 48, 64, 2], [32, 32, 48, -1], [16, 16, 32, -1], [0, 8, 16, 1], [0, 0, 8, 0]]
+    assert head_pieces((17, 3, 70), 70, 16).tolist()[:2] == [[64, 64, 70, 2], [48, 48, 64, -1]]
+    assert head_pieces((64, 128), 0, 16).shape == (0, 4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

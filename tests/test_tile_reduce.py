@@ -70,9 +70,9 @@ def test_gpu_run_script_tries_out_on_the_cpu(tmp_path):
 
 
 @pytest.mark.triton
-def test_gpu_run_sweep_skips_bulk_reductions_on_the_cpu(tmp_path, monkeypatch):
-    """The CPU tryout of the config sweep: bulk-reduction runs are skipped with the reason, the others run
-    (a BLOCK_K of 32 gives whole tiles at dims 32 and 64, where the bulk path would start)."""
+def test_gpu_run_sweep_skips_the_tma_backward_on_the_cpu(tmp_path, monkeypatch):
+    """The CPU tryout of the config sweep: the TMA backward's runs are skipped with the reason, the pointer
+    kernel's run (kept off the TMA kernel, which the interpreter would otherwise take for these inputs)."""
     import json
 
     from bench import nested_ce_gpu
@@ -82,8 +82,8 @@ def test_gpu_run_sweep_skips_bulk_reductions_on_the_cpu(tmp_path, monkeypatch):
     assert nested_ce_gpu.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--step", "sweep"]) == 0
     records = [json.loads(line) for line in (tmp_path / "nested_ce_gpu.jsonl").read_text().splitlines()]
     by = {r["which"]: r for r in records}
-    assert by["backward-bulk"]["skipped"] == nested_ce_gpu.NO_DESCRIPTOR_REDUCE
-    assert by["backward"]["rel_err_vs_fp32"] < 1e-2 and "error" not in by["backward"]
+    assert by["backward-tma"]["skipped"] == nested_ce_gpu.NO_DESCRIPTOR_REDUCE
+    assert by["backward-pointer"]["rel_err_vs_fp32"] < 1e-2 and "error" not in by["backward-pointer"]
 
 
 def test_launch_config_override_is_scoped():

@@ -67,19 +67,21 @@ def pointer(dtype: torch.dtype) -> str:
 DIVISIBLE_INTS = ("stride_x", "stride_w", "stride_out", "k_start", "k_end")
 
 
-def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4,
-                   num_stages: int = 3) -> CompileReport:
+def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4, num_stages: int = 3,
+                   maxnreg: int | None = None) -> CompileReport:
     """Compile `fn` for sm_<arch>. `signature` maps every argument to a Triton type ('*fp16', 'i32',
     'constexpr'); `constexprs` gives the constexpr values. Raises on any compile error. Like a JIT
     launch, pointers (torch allocations are 256-byte aligned) and the DIVISIBLE_INTS are marked as
     multiples of 16: without that hint loads are not vectorized and loops are not software-pipelined,
-    so the report would describe a different kernel. Triton's default num_stages is 3."""
+    so the report would describe a different kernel. Triton's default num_stages is 3; maxnreg caps the
+    registers per thread (ptxas's .maxnreg), as the launch does."""
     aligned = [i for i, (name, ty) in enumerate(signature.items())
                if ty.startswith("*") or (name in DIVISIBLE_INTS and ty in ("i32", "i64"))]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs,
                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     target = GPUTarget("cuda", arch, 32)
-    compiled, log = compile_with_ptxas_log(src, target, {"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    compiled, log = compile_with_ptxas_log(src, target, options)
     ptx = compiled.asm["ptx"]
     registers, spills = ptxas_usage(log)
     return CompileReport(fn.__name__, arch, compiled.metadata.shared, registers, spills, ordered_atomics(ptx),

@@ -2,6 +2,6 @@
 
 
 def split_launch_options(cfg: dict) -> tuple[dict, dict]:
-    """A launcher's config split into (constexprs, launch options num_warps / num_stages)."""
-    options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    """A launcher's config split into (constexprs, launch options num_warps / num_stages / maxnreg)."""
+    options = {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if k in cfg}
     return {k: v for k, v in cfg.items() if k not in options}, options

@@ -11,6 +11,12 @@ accumulated in fp32 with relaxed atomic adds (nothing reads them before the laun
 the classes in chunks so that only one chunk's fp32 dW accumulator exists at a time, and scales the
 per-row coefficients by a power of two so that G, cast to the inputs' dtype for the gradient matmuls,
 does not underflow fp16 (gradient_scale).
+
+This module holds the pointer-load kernel (sm_80, fp32, per-dim heads, rows not whole 16 bytes) and the
+launcher; a 16-bit shared head on sm_90 runs the same walk by TMA with bulk tile reductions
+(nested_ce_backward_tma). The one-hot and label-smoothing terms stay inside both kernels: a compare and a
+subtraction on the fp32 tile before its cast, where outside they would cost an extra O(N * D) pass over x
+and W[target] and an N x D fp32 buffer per class chunk.
 """
 import torch
 import triton
@@ -18,17 +24,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .indexing import row_offsets
-from .nested_ce_forward import (CHUNK_FIELDS, LOG2E, aot_launches, chunk_plan, chunk_product, head_logits, head_tiles,
-                                launch_config)
-
-
-@triton.jit
-def softmax_grad(z, lse, coef, cls, ok, target, smoothing, total_classes):
-    """coef * (softmax(z) - (1 - smoothing) onehot(target) - smoothing / C), zero outside `ok`; `cls` are
-    class ids (not chunk-local), C = total_classes."""
-    p = tl.exp2((z - lse[:, None]) * LOG2E)
-    d = p - tl.where(cls[None, :] == target[:, None], 1.0 - smoothing, 0.0) - smoothing / total_classes
-    return tl.where(ok, d * coef[:, None], 0.0)
+from .launch import split_launch_options
+from .nested_ce_backward_tma import head_pieces, nested_ce_backward_tma_kernel, softmax_grad
+from .nested_ce_forward import (BIAS_FIELDS, CHUNK_FIELDS, TMA_BOX, aot_launches, bias_columns, chunk_plan,
+                                chunk_product, head_logits, head_tiles, launch_config, use_tma)
 
 
 @triton.jit
@@ -58,21 +57,11 @@ def add_tile_grads(grad, xt, wt, dx_ptrs, dw_ptrs, dx_mask, dw_mask, PRECISION: 
 
 
 @triton.jit
-def bulk_add_tile_grads(grad, xt, wt, dx_desc, dw_desc, row0, cls0, k, PRECISION: tl.constexpr):
-    """The same sums as add_tile_grads, each tile added by one tensor-descriptor reduction (on sm_90 one
-    cp.reduce.async.bulk.tensor: no per-element atomics, no layout conversion); the descriptors clip the rows
-    and classes past the end."""
-    g = grad.to(xt.dtype)
-    dx_desc.atomic_add([row0, k], tl.dot(g, wt, input_precision=PRECISION))
-    dw_desc.atomic_add([cls0, k], tl.dot(tl.trans(g), xt, input_precision=PRECISION))
-
-
-@triton.jit
 def nested_ce_backward_kernel(
-    X, W, BIAS, TARGET, LSE, COEF, DX, DW, DB, CHUNKS, FOLD_AT, HEADS, DX_DESC, DW_DESC,
+    X, W, BIAS, TARGET, LSE, COEF, DX, DW, DB, CHUNKS, FOLD_AT, HEADS,
     n_rows, n_classes, class_offset, total_classes, n_dims, n_chunks, k_start, k_end, stride_x, stride_w,
     stride_bias, smoothing, SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, K_ALIGN: tl.constexpr, PRECISION: tl.constexpr,
-    BULK_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cls = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,12 +93,8 @@ def nested_ce_backward_kernel(
                                     DB, stride_bias, smoothing, total_classes, SHARED, HAS_BIAS)
             xt = tl.load(x_rows + (k + kk)[None, :], mask=row_ok[:, None], other=0.0)
             wt = tl.load(w_rows + (k + kk)[None, :], mask=cls_ok[:, None], other=0.0)
-            if BULK_REDUCE:  # whole tiles start at multiples of BLOCK_K: aligned as descriptors need
-                bulk_add_tile_grads(grad, xt, wt, DX_DESC, DW_DESC, tl.program_id(0) * BLOCK_M,
-                                    tl.program_id(1) * BLOCK_N, k, PRECISION)
-            else:
-                add_tile_grads(grad, xt, wt, dx_rows + (k + kk)[None, :], dw_rows + (k + kk)[None, :],
-                               row_ok[:, None], cls_ok[:, None], PRECISION)
+            add_tile_grads(grad, xt, wt, dx_rows + (k + kk)[None, :], dw_rows + (k + kk)[None, :], row_ok[:, None],
+                           cls_ok[:, None], PRECISION)
             acc -= tl.dot(xt, tl.trans(wt), input_precision=PRECISION)  # step back to the previous boundary
         for back in range(n_chunks):  # then the chunks below k_start, last to first
             chunk = n_chunks - 1 - back
@@ -134,19 +119,6 @@ def nested_ce_backward_kernel(
                                row_ok[:, None] & col_ok[None, :], cls_ok[:, None] & col_ok[None, :], PRECISION)
 
 
-# Whole-tile gradients by tensor-descriptor bulk reductions (bulk_add_tile_grads) instead of per-element relaxed
-# atomics: off until a GPU run measures it (bench/nested_ce_gpu.py); the tests run it under the interpreter.
-# Needs a shared head, 16-bit inputs (the AOT-checked variants), fp32 rows of whole 16 bytes (D % 4 == 0) and,
-# on a GPU, sm_90 or later (TMA).
-BULK_REDUCE = False
-
-
-def use_bulk_reduce(x: torch.Tensor, shared: bool) -> bool:
-    if not (BULK_REDUCE and shared and x.dtype != torch.float32 and x.shape[1] % 4 == 0):
-        return False
-    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] >= 9
-
-
 # fp32 bytes of the dW accumulator: classes are launched in chunks of about this much (whole class tiles), each
 # chunk's accumulator cast into dW as it finishes, so a vocab-sized head never holds a whole fp32 copy of dW
 # (C=128,256 x D=2048 would be 1 GB next to the 0.5 GB bf16 result).
@@ -161,11 +133,14 @@ def class_chunk(n_classes: int, width: int, block_n: int) -> int:
 
 def nested_ce_backward_triton(grad_losses, x, w, bias, target, lse, dims, shared, ignore_index, label_smoothing):
     """(dx, dw, db) for the per-row losses' upstream gradient [N, len(dims)]; db is empty without bias.
-    dx and db accumulate in fp32 over every class chunk; dw in fp32 one chunk at a time (DW_CHUNK_BYTES)."""
+    dx and db accumulate in fp32 over every class chunk; dw in fp32 one chunk at a time (DW_CHUNK_BYTES).
+    A shared head with 16-bit rows of whole 16 bytes runs the TMA kernel on sm_90 (and in the interpreter),
+    everything else the pointer kernel."""
     x, w = x.contiguous(), w.contiguous()
     bias = bias.contiguous() if bias is not None else None
     n_rows, n_classes = x.shape[0], w.shape[0]
-    cfg = launch_config(x.dtype, backward=True)
+    tma = shared and use_tma(x, w) and descriptor_reductions(x.device)
+    cfg = launch_config(x.dtype, backward=True, tma=tma)
     plan = chunk_plan(dims, shared, cfg["BLOCK_K"], x.device)
     coef = grad_losses.float() * (target != ignore_index)[:, None]
     scale = gradient_scale(coef)
@@ -174,26 +149,72 @@ def nested_ce_backward_triton(grad_losses, x, w, bias, target, lse, dims, shared
     lse = lse.contiguous()
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     dw = torch.empty_like(w)
-    db = torch.zeros(bias.shape, dtype=torch.float32, device=x.device) if bias is not None else x.new_empty(0)
     chunk = class_chunk(n_classes, w.shape[1], cfg["BLOCK_N"])
     dw_acc = torch.empty((chunk, w.shape[1]), dtype=torch.float32, device=x.device)
-    bulk = use_bulk_reduce(x, shared)
-    dx_desc = TensorDescriptor.from_tensor(dx, [cfg["BLOCK_M"], cfg["BLOCK_K"]]) if bulk else None
+    launch = _launch_tma if tma else _launch_pointer
+    db = launch(x, w, bias, target, lse, coef, dx, dw, dw_acc, unscale, dims, shared, plan, cfg, chunk,
+                float(label_smoothing))
+    return dx.mul_(unscale).to(x.dtype), dw, db
+
+
+def descriptor_reductions(device: torch.device) -> bool:
+    """Whether tensor-descriptor reductions run there: on a GPU that use_tma accepts (sm_90), yes; in the CPU
+    interpreter only where it has them (Triton 3.6's has none; the tests add one, see the root conftest.py)."""
+    if device.type != "cpu":
+        return True
+    from triton.runtime import interpreter
+
+    return hasattr(interpreter.InterpreterBuilder, "create_descriptor_reduce")
+
+
+def _class_chunks(n_classes: int, chunk: int, dw, dw_acc, unscale):
+    """Yields (c0, c1, the chunk's zeroed fp32 dW accumulator); casts each accumulator into dW after its launch."""
     for c0 in range(0, n_classes, chunk):
         c1 = min(n_classes, c0 + chunk)
         acc = dw_acc[:c1 - c0].zero_()
+        yield c0, c1, acc
+        dw[c0:c1] = acc.mul_(unscale)
+
+
+def _launch_pointer(x, w, bias, target, lse, coef, dx, dw, dw_acc, unscale, dims, shared, plan, cfg, chunk,
+                    smoothing):
+    """The pointer kernel over the class chunks; returns db."""
+    n_rows, n_classes = x.shape[0], w.shape[0]
+    db = torch.zeros(bias.shape, dtype=torch.float32, device=x.device) if bias is not None else x.new_empty(0)
+    for c0, c1, acc in _class_chunks(n_classes, chunk, dw, dw_acc, unscale):
         w_c = w[c0:c1]
         grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), triton.cdiv(c1 - c0, cfg["BLOCK_N"]))
         nested_ce_backward_kernel[grid](
             x, w_c, bias[:, c0:c1] if bias is not None else w_c, target, lse, coef, dx, acc,
-            db[:, c0:c1] if bias is not None else acc, plan.chunks, plan.fold_at, plan.heads, dx_desc,
-            TensorDescriptor.from_tensor(acc, [cfg["BLOCK_N"], cfg["BLOCK_K"]]) if bulk else None, n_rows, c1 - c0, c0,
+            db[:, c0:c1] if bias is not None else acc, plan.chunks, plan.fold_at, plan.heads, n_rows, c1 - c0, c0,
             n_classes, len(dims), plan.chunks.shape[0], plan.k_start, plan.k_end, x.stride(0), w.stride(0),
-            bias.stride(0) if bias is not None else 0, float(label_smoothing),
-            SHARED=shared, HAS_BIAS=bias is not None, K_ALIGN=plan.k_align, BULK_REDUCE=bulk, **cfg)
-        dw[c0:c1] = acc.mul_(unscale)
-    db = db.mul_(unscale).to(bias.dtype) if bias is not None else db
-    return dx.mul_(unscale).to(x.dtype), dw, db
+            bias.stride(0) if bias is not None else 0, smoothing, SHARED=shared, HAS_BIAS=bias is not None,
+            K_ALIGN=plan.k_align, **cfg)
+    return db.mul_(unscale).to(bias.dtype) if bias is not None else db
+
+
+def _launch_tma(x, w, bias, target, lse, coef, dx, dw, dw_acc, unscale, dims, shared, plan, cfg, chunk, smoothing):
+    """The TMA kernel (shared head) over the class chunks; returns db. The bias gradient accumulates in an fp32
+    row padded to whole 16 bytes (TMA's stride rule)."""
+    n_rows, n_classes = x.shape[0], w.shape[0]
+    block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    desc = TensorDescriptor.from_tensor
+    pieces = head_pieces(dims, plan.k_start, TMA_BOX).to(x.device)
+    db = torch.zeros((1, -(-n_classes // 4) * 4), dtype=torch.float32, device=x.device)
+    dx_descs = desc(dx, [block_m, block_k]), desc(dx, [block_m, TMA_BOX])
+    x_descs = desc(x, [block_m, block_k]), desc(x, [block_m, TMA_BOX])
+    for c0, c1, acc in _class_chunks(n_classes, chunk, dw, dw_acc, unscale):
+        w_c = w[c0:c1]
+        bias_cols = bias_columns(bias[:, c0:c1] if bias is not None else None, 1, c1 - c0, block_n, x.dtype)
+        bias_cols = bias_cols.to(x.device)
+        grid = (triton.cdiv(n_rows, block_m), triton.cdiv(c1 - c0, block_n))
+        nested_ce_backward_tma_kernel[grid](
+            bias_cols, target, lse, coef, plan.fold_at, pieces, x_descs[0], desc(w_c, [block_n, block_k]),
+            x_descs[1], desc(w_c, [block_n, TMA_BOX]), desc(bias_cols, [block_n, BIAS_FIELDS.value]), dx_descs[0],
+            desc(acc, [block_n, block_k]), dx_descs[1], desc(acc, [block_n, TMA_BOX]),
+            desc(db[:, c0:], [1, block_n]), n_rows, c1 - c0, c0, n_classes, len(dims), pieces.shape[0],
+            plan.k_start, plan.k_end, smoothing, BOX=TMA_BOX, **cfg)
+    return db[0, :n_classes].mul_(unscale).to(bias.dtype)[None] if bias is not None else x.new_empty(0)
 
 
 def gradient_scale(coef: torch.Tensor) -> torch.Tensor:
@@ -210,24 +231,31 @@ def gradient_scale(coef: torch.Tensor) -> torch.Tensor:
 
 
 def aot_specs():
-    """The shipped launches (per-element relaxed atomics), each followed, for 16-bit shared heads, by its
-    bulk-reduction variant (BULK_REDUCE), compiled for sm_90 only: that is where use_bulk_reduce launches it
-    (on sm_80 Triton emulates the descriptor reduction with acq_rel atomics)."""
+    """The shipped launches of the pointer kernel (per-element relaxed atomics), each followed, for 16-bit shared
+    heads, by the TMA kernel's, compiled for sm_90 only: that is where use_tma launches it (on sm_80 Triton
+    emulates descriptor reductions with acq_rel atomics)."""
     from .aot import pointer  # the compiler module: imported by the AOT check only, not by a launch
 
     for label, dtype, constexprs, options in aot_launches(backward=True):
-        variants = [(label, dict(constexprs, BULK_REDUCE=False, DX_DESC=None, DW_DESC=None), options)]
-        if dtype != torch.float32 and constexprs["SHARED"]:  # use_bulk_reduce: sm_90+ (sm_80 emulates TMA)
-            variants.append((f"{label}-bulk", dict(constexprs, BULK_REDUCE=True), dict(options, min_arch=90)))
-        for name, consts, opts in variants:
-            m, n, k = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"]
-            descriptors = ({"DX_DESC": f"tensordesc<fp32[{m}, {k}]>", "DW_DESC": f"tensordesc<fp32[{n}, {k}]>"}
-                           if consts["BULK_REDUCE"] else {"DX_DESC": "constexpr", "DW_DESC": "constexpr"})
-            signature = {"X": pointer(dtype), "W": pointer(dtype), "BIAS": pointer(dtype), "TARGET": "*i64",
-                         "LSE": "*fp32", "COEF": "*fp32", "DX": "*fp32", "DW": "*fp32", "DB": "*fp32",
-                         "CHUNKS": "*i32", "FOLD_AT": "*i32", "HEADS": "*i32", **descriptors, "n_rows": "i32",
-                         "n_classes": "i32", "class_offset": "i32", "total_classes": "i32", "n_dims": "i32",
-                         "n_chunks": "i32", "k_start": "i32", "k_end": "i32", "stride_x": "i32", "stride_w": "i32",
-                         "stride_bias": "i32", "smoothing": "fp32"}
-            signature.update({c: "constexpr" for c in consts if c not in signature})
-            yield name, nested_ce_backward_kernel, signature, consts, opts
+        signature = {"X": pointer(dtype), "W": pointer(dtype), "BIAS": pointer(dtype), "TARGET": "*i64",
+                     "LSE": "*fp32", "COEF": "*fp32", "DX": "*fp32", "DW": "*fp32", "DB": "*fp32", "CHUNKS": "*i32",
+                     "FOLD_AT": "*i32", "HEADS": "*i32", "n_rows": "i32", "n_classes": "i32", "class_offset": "i32",
+                     "total_classes": "i32", "n_dims": "i32", "n_chunks": "i32", "k_start": "i32", "k_end": "i32",
+                     "stride_x": "i32", "stride_w": "i32", "stride_bias": "i32", "smoothing": "fp32"}
+        signature.update({c: "constexpr" for c in constexprs})
+        yield label, nested_ce_backward_kernel, signature, constexprs, options
+        if dtype != torch.float32 and constexprs["SHARED"]:
+            consts, opts = split_launch_options(launch_config(dtype, backward=True, tma=True))
+            consts["BOX"] = TMA_BOX
+            m, n, k, elem = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"], pointer(dtype)[1:]
+            boxes = {"X_DESC": (elem, m, k), "W_DESC": (elem, n, k), "X_BOX_DESC": (elem, m, TMA_BOX),
+                     "W_BOX_DESC": (elem, n, TMA_BOX), "BIAS_DESC": (elem, n, BIAS_FIELDS.value),
+                     "DX_DESC": ("fp32", m, k), "DW_DESC": ("fp32", n, k), "DX_BOX_DESC": ("fp32", m, TMA_BOX),
+                     "DW_BOX_DESC": ("fp32", n, TMA_BOX), "DB_DESC": ("fp32", 1, n)}
+            signature = {"BIAS_COLS": pointer(dtype), "TARGET": "*i64", "LSE": "*fp32", "COEF": "*fp32",
+                         "FOLD_AT": "*i32", "PIECES": "*i32",
+                         **{name: f"tensordesc<{ty}[{rows}, {cols}]>" for name, (ty, rows, cols) in boxes.items()},
+                         "n_rows": "i32", "n_classes": "i32", "class_offset": "i32", "total_classes": "i32",
+                         "n_dims": "i32", "n_pieces": "i32", "k_start": "i32", "k_end": "i32", "smoothing": "fp32"}
+            signature.update({c: "constexpr" for c in consts})
+            yield f"{label}-tma", nested_ce_backward_tma_kernel, signature, consts, dict(opts, min_arch=90)

@@ -259,20 +259,30 @@ def chunk_plan(dims, shared: bool, block_k: int, device, box: int | None = None)
 
 
 def launch_config(dtype: torch.dtype, backward: bool = False, tma: bool = False) -> dict:
-    """Tiles for a launch; the AOT compile test compiles exactly these (see its register and spill report).
-    16-bit: K tiles of 64, three pipeline stages. Forward with TMA loads: 128 x 128 tiles, 8 warps (each
-    warpgroup's wgmma is 64 x 128; with no load addresses or masks in registers it fits 128 registers, two CTAs
-    per SM); with pointer loads: 64 x 64, 8 warps (at 64 x 128 the addresses and masks took 174-248 registers,
-    at 64 x 64 and 4 warps 142-150; this way 90-128). Backward: 128 x 64 (it holds the logits and the gradient tile at once). fp32 runs the exact
-    (non tensor-core) dot, whose operands need more registers, with no pipelining: forward 64 x 32 x 16 tiles,
-    4 warps (64 x 64 x 32 and 8 warps spilled), backward 64 x 64 x 32, 8 warps."""
+    """Tiles for a launch; the AOT compile test compiles exactly these and checks their sm_90 register and spill
+    report (tests/test_aot.py). 16-bit inputs:
+    - forward with TMA loads: 128 x 128 x 64, 8 warps, 3 stages (each warpgroup's wgmma is 64 x 128; with no
+      load addresses or masks in registers it fits 128 registers, two CTAs per SM); with pointer loads
+      64 x 64 x 64 (at 64 x 128 the addresses and masks took 174-248 registers, here 90-128). Capped at 128
+      registers: Triton 3.6 stays under the cap unasked, 3.9 took 166 for the TMA variant uncapped and fits
+      the cap without spills.
+    - backward with TMA (nested_ce_backward_tma): 64 x 64 x 64, 4 warps, 3 stages, capped at 232 registers
+      (uncapped 244, no spills either way; 128-row or 128-class tiles spilled 136-2068 B); with pointer loads
+      32 x 32 x 32 under the same cap (64-wide tiles spilled 16-1264 B).
+    fp32 runs the exact (non tensor-core) dot, whose operands live in registers, unpipelined: forward
+    64 x 32 x 16, 4 warps; backward 16 x 16 x 16, 4 warps (every larger tile of the shared-head walk spilled,
+    even at 1-2 warps: fp32 training on a GPU wants bf16 autocast, or the torch backend's cuBLAS matmuls)."""
     if dtype == torch.float32:
-        block_n, block_k, warps = (64, 32, 8) if backward else (32, 16, 4)
-        return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": 1,
+        block_m, block_n, block_k = (16, 16, 16) if backward else (64, 32, 16)
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 1,
                 "PRECISION": "ieee"}
-    block_m, block_n, warps = (128, 64, 8) if backward else (128, 128, 8) if tma else (64, 64, 8)
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64, "num_warps": warps, "num_stages": 3,
-            "PRECISION": "tf32"}
+    if backward:
+        block = 64 if tma else 32
+        return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_K": block, "num_warps": 4, "num_stages": 3,
+                "maxnreg": 232, "PRECISION": "tf32"}
+    block_m, block_n = (128, 128) if tma else (64, 64)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
+            "maxnreg": 128, "PRECISION": "tf32"}
 
 
 # With TMA, the shared head's columns below k_start are loaded in boxes this wide (box_chunks): the K of one
