@@ -1,10 +1,13 @@
 """Fused nested linear cross-entropy (torch fallback and Triton kernels) against the float64 eager loop."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import TOL, rel_error
 
 import mrl_kernels as mk
 from mrl_kernels import reference
+from mrl_kernels.kernels.nested_ce_backward_tma import grouped_tile
 from mrl_kernels.kernels.nested_ce_forward import lse_partials
 
 N, C, D = 37, 101, 70
@@ -261,6 +264,24 @@ def test_backward_by_tma(kernel_device, monkeypatch, dims, d, dtype):
                                                                                          kernel[grid](*a, **k))})())
     check("triton", dims, True, True, dtype, kernel_device, d=d, label_smoothing=0.1, ignore_index=7)
     assert len(launches) == 2  # one per class chunk
+
+
+@triton.jit
+def grouped_tiles(OUT, row_tiles, class_tiles, GROUP_M: tl.constexpr):
+    row, cls = grouped_tile(tl.program_id(0), row_tiles, class_tiles, GROUP_M)
+    tl.store(OUT + 2 * tl.program_id(0), row)
+    tl.store(OUT + 2 * tl.program_id(0) + 1, cls)
+
+
+@pytest.mark.triton
+def test_grouped_tile_order_visits_every_tile_once(kernel_device):
+    """The TMA backward's grouped order: every (row tile, class tile) exactly once, GROUP_M row tiles sweeping
+    each class tile together, the last group ragged (11 row tiles, groups of 4)."""
+    out = torch.full((11 * 5, 2), -1, dtype=torch.int32, device=kernel_device)
+    grouped_tiles[(11 * 5,)](out, 11, 5, GROUP_M=4)
+    pairs = [tuple(p) for p in out.tolist()]
+    assert sorted(pairs) == [(r, c) for r in range(11) for c in range(5)]
+    assert pairs[:5] == [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1)] and pairs[-3:] == [(8, 4), (9, 4), (10, 4)]
 
 
 def test_head_pieces_cut_at_boxes_and_boundaries():

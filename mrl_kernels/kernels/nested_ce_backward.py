@@ -157,6 +157,10 @@ def nested_ce_backward_triton(grad_losses, x, w, bias, target, lse, dims, shared
     return dx.mul_(unscale).to(x.dtype), dw, db
 
 
+# Row tiles that sweep the class tiles together in the TMA backward (grouped_tile).
+GROUP_M = 8
+
+
 def descriptor_reductions(device: torch.device) -> bool:
     """Whether tensor-descriptor reductions run there: on a GPU that use_tma accepts (sm_90), yes; in the CPU
     interpreter only where it has them (Triton 3.6's has none; the tests add one, see the root conftest.py)."""
@@ -207,13 +211,13 @@ def _launch_tma(x, w, bias, target, lse, coef, dx, dw, dw_acc, unscale, dims, sh
         w_c = w[c0:c1]
         bias_cols = bias_columns(bias[:, c0:c1] if bias is not None else None, 1, c1 - c0, block_n, x.dtype)
         bias_cols = bias_cols.to(x.device)
-        grid = (triton.cdiv(n_rows, block_m), triton.cdiv(c1 - c0, block_n))
+        grid = (triton.cdiv(n_rows, block_m) * triton.cdiv(c1 - c0, block_n),)
         nested_ce_backward_tma_kernel[grid](
             bias_cols, target, lse, coef, plan.fold_at, pieces, x_descs[0], desc(w_c, [block_n, block_k]),
             x_descs[1], desc(w_c, [block_n, TMA_BOX]), desc(bias_cols, [block_n, BIAS_FIELDS.value]), dx_descs[0],
             desc(acc, [block_n, block_k]), dx_descs[1], desc(acc, [block_n, TMA_BOX]),
             desc(db[:, c0:], [1, block_n]), n_rows, c1 - c0, c0, n_classes, len(dims), pieces.shape[0],
-            plan.k_start, plan.k_end, smoothing, BOX=TMA_BOX, **cfg)
+            plan.k_start, plan.k_end, smoothing, BOX=TMA_BOX, GROUP_M=GROUP_M, **cfg)
     return db[0, :n_classes].mul_(unscale).to(bias.dtype)[None] if bias is not None else x.new_empty(0)
 
 
@@ -246,7 +250,7 @@ def aot_specs():
         yield label, nested_ce_backward_kernel, signature, constexprs, options
         if dtype != torch.float32 and constexprs["SHARED"]:
             consts, opts = split_launch_options(launch_config(dtype, backward=True, tma=True))
-            consts["BOX"] = TMA_BOX
+            consts.update(BOX=TMA_BOX, GROUP_M=GROUP_M)
             m, n, k, elem = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"], pointer(dtype)[1:]
             boxes = {"X_DESC": (elem, m, k), "W_DESC": (elem, n, k), "X_BOX_DESC": (elem, m, TMA_BOX),
                      "W_BOX_DESC": (elem, n, TMA_BOX), "BIAS_DESC": (elem, n, BIAS_FIELDS.value),

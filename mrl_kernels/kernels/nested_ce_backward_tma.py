@@ -49,6 +49,17 @@ def add_segment_grad(grad, acc, dim, cls0, n_classes, class_offset, row_ok, targ
 
 
 @triton.jit
+def grouped_tile(pid, row_tiles, class_tiles, GROUP_M: tl.constexpr):
+    """(row tile, class tile) of program `pid` in grouped order: GROUP_M row tiles sweep the class tiles
+    together, so programs running at once share their class tile's W and revisit the same GROUP_M row tiles of
+    x, which stay in L2 (in row-major order every class tile would stream all of x again)."""
+    per_group = GROUP_M * class_tiles
+    first = pid // per_group * GROUP_M
+    size = tl.minimum(row_tiles - first, GROUP_M)
+    return first + pid % per_group % size, pid % per_group // size
+
+
+@triton.jit
 def piece_boxes(x_desc, w_desc, row0, cls0, a, c0, c1, BOX: tl.constexpr):
     """The x and W boxes at column a with the columns outside [c0, c1) zeroed."""
     cols = a + tl.arange(0, BOX)
@@ -61,11 +72,13 @@ def nested_ce_backward_tma_kernel(
     BIAS_COLS, TARGET, LSE, COEF, FOLD_AT, PIECES, X_DESC, W_DESC, X_BOX_DESC, W_BOX_DESC, BIAS_DESC,
     DX_DESC, DW_DESC, DX_BOX_DESC, DW_BOX_DESC, DB_DESC,
     n_rows, n_classes, class_offset, total_classes, n_dims, n_pieces, k_start, k_end, smoothing,
-    BOX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BOX: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    row0 = tl.program_id(0) * BLOCK_M
-    cls0 = tl.program_id(1) * BLOCK_N
+    row_tile, class_tile = grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_classes, BLOCK_N),
+                                        GROUP_M)
+    row0 = row_tile * BLOCK_M
+    cls0 = class_tile * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     target = tl.load(TARGET + rows, mask=row_ok, other=-1)
