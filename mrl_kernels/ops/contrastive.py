@@ -5,10 +5,12 @@ import torch
 
 from .. import reference
 from ._backend import resolve_backend
+from .contrastive_torch import nested_contrastive_rows_torch
 from ._validation import (REDUCTIONS, check_choice, check_dim_weights, check_dims, check_finite, check_labels,
                           check_like, check_tensor)
 
-IMPLEMENTED = ("reference",)
+# "auto" takes the chunked torch path (ops/contrastive_torch.py); "reference" is the eager per-dim loop.
+IMPLEMENTED = ("torch", "reference")
 
 
 def matryoshka_contrastive_loss(queries, docs, dims, temperature=0.05, labels=None, normalize=True,
@@ -48,9 +50,16 @@ def matryoshka_contrastive_loss(queries, docs, dims, temperature=0.05, labels=No
         docs, rank_offset = _gather_docs(docs)
         labels = labels + rank_offset
     backend = resolve_backend("matryoshka_contrastive_loss", backend, queries.device, IMPLEMENTED)
-    return reference.nested_contrastive_loss(queries, docs, dims, temperature=temperature, labels=labels,
-                                             normalize=normalize, symmetric=symmetric, dim_weights=dim_weights,
-                                             reduction=reduction, return_per_dim=return_per_dim)
+    if backend == "reference":
+        return reference.nested_contrastive_loss(queries, docs, dims, temperature=temperature, labels=labels,
+                                                 normalize=normalize, symmetric=symmetric, dim_weights=dim_weights,
+                                                 reduction=reduction, return_per_dim=return_per_dim)
+    losses = nested_contrastive_rows_torch(queries, docs, dims, temperature, labels, normalize, symmetric)
+    per_dim = losses.mean(0) if reduction == "mean" else losses.sum(0) if reduction == "sum" else losses
+    weights = torch.tensor([1.0] * len(dims) if dim_weights is None else [float(w) for w in dim_weights],
+                           dtype=per_dim.dtype, device=per_dim.device)
+    total = (per_dim @ weights).to(queries.dtype)
+    return (total, per_dim.detach().to(queries.dtype)) if return_per_dim else total
 
 
 def _gather_docs(docs: torch.Tensor):
