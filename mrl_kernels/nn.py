@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .ops import matryoshka_linear_cross_entropy
+from .ops import matryoshka_contrastive_loss, matryoshka_linear_cross_entropy
 from .ops._backend import BACKENDS
 from .ops._validation import (REDUCTIONS, check_choice, check_dim_weights, check_dims, check_finite, check_int)
 
-__all__ = ["MatryoshkaLinear", "MatryoshkaCrossEntropyLoss", "MatryoshkaLinearCrossEntropy"]
+__all__ = ["MatryoshkaLinear", "MatryoshkaCrossEntropyLoss", "MatryoshkaLinearCrossEntropy", "MatryoshkaContrastiveLoss"]
 
 
 def _check_head_dims(in_features, dims) -> tuple[int, tuple[int, ...]]:
@@ -316,3 +316,35 @@ def _prefix_hint(state_dict, expected) -> str:
             if key.endswith("." + name):
                 return f"; they are under prefix={key[:-len(name)]!r} (e.g. {key!r}): pass that prefix"
     return ""
+
+
+class MatryoshkaContrastiveLoss(nn.Module):
+    """:func:`mrl_kernels.matryoshka_contrastive_loss` as a module: in-batch InfoNCE at every nesting dim,
+    ``forward(queries, docs, labels=None)``. Options are checked here, once, rather than at each call.
+
+    Example::
+
+        >>> loss_fn = MatryoshkaContrastiveLoss(dims=(64, 128, 256, 768), temperature=0.05, symmetric=True)
+        >>> loss = loss_fn(torch.randn(64, 768), torch.randn(64, 768))
+    """
+
+    def __init__(self, dims: Sequence[int], temperature: float = 0.05, normalize: bool = True,
+                 symmetric: bool = False, dim_weights: Sequence[float] | None = None, reduction: str = "mean",
+                 gather: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.dims = tuple(check_dims(dims, None))
+        self.temperature = check_finite(temperature, "temperature", positive=True)
+        self.dim_weights = check_dim_weights(dim_weights, len(self.dims))
+        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
+        self.backend = check_choice(backend, "backend", BACKENDS)
+        self.normalize, self.symmetric, self.gather = bool(normalize), bool(symmetric), bool(gather)
+
+    def forward(self, queries: Tensor, docs: Tensor, labels: Tensor | None = None) -> Tensor:
+        return matryoshka_contrastive_loss(queries, docs, self.dims, temperature=self.temperature, labels=labels,
+                                           normalize=self.normalize, symmetric=self.symmetric,
+                                           dim_weights=self.dim_weights, reduction=self.reduction,
+                                           gather=self.gather, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"dims={self.dims}, temperature={self.temperature}, normalize={self.normalize}, "
+                f"symmetric={self.symmetric}, reduction={self.reduction!r}, backend={self.backend!r}")

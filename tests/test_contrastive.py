@@ -99,3 +99,15 @@ def test_auto_takes_the_chunked_path(monkeypatch):
     q, docs = inputs(torch.float32)
     mk.matryoshka_contrastive_loss(q, docs, (3, 17, 70))
     assert calls == [1]
+
+
+def test_module_matches_the_op():
+    q, docs = inputs(torch.float32)
+    loss_fn = mk.nn.MatryoshkaContrastiveLoss((3, 17, 70), temperature=0.1, symmetric=True, dim_weights=[1, 2, 3])
+    torch.testing.assert_close(loss_fn(q, docs), mk.matryoshka_contrastive_loss(
+        q, docs, (3, 17, 70), temperature=0.1, symmetric=True, dim_weights=[1, 2, 3]))
+    assert "symmetric=True" in repr(loss_fn)
+    with pytest.raises(ValueError, match="temperature"):
+        mk.nn.MatryoshkaContrastiveLoss((3, 17), temperature=0.0)
+    with pytest.raises(ValueError, match="dim_weights"):
+        mk.nn.MatryoshkaContrastiveLoss((3, 17), dim_weights=[1.0])

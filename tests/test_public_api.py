@@ -8,6 +8,7 @@ def test_readme_names_are_attributes():
         assert hasattr(mk, name), name
     assert callable(mk.datasets.synthetic_mrl_embeddings)
     assert callable(mk.reference.nested_cross_entropy)
-    for name in ("MatryoshkaLinear", "MatryoshkaCrossEntropyLoss", "MatryoshkaLinearCrossEntropy"):
+    for name in ("MatryoshkaLinear", "MatryoshkaCrossEntropyLoss", "MatryoshkaLinearCrossEntropy",
+                 "MatryoshkaContrastiveLoss"):
         assert hasattr(mk.nn, name), name
     assert set(mk.__all__) <= set(dir(mk))
