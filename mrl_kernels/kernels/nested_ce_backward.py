@@ -209,8 +209,8 @@ def _launch_tma(x, w, bias, target, lse, coef, dx, dw, dw_acc, unscale, dims, sh
     x_descs = desc(x, [block_m, block_k]), desc(x, [block_m, TMA_BOX])
     for c0, c1, acc in _class_chunks(n_classes, chunk, dw, dw_acc, unscale):
         w_c = w[c0:c1]
-        bias_cols = bias_columns(bias[:, c0:c1] if bias is not None else None, 1, c1 - c0, block_n, x.dtype)
-        bias_cols = bias_cols.to(x.device)
+        bias_cols = bias_columns(bias[:, c0:c1] if bias is not None else None, 1, c1 - c0, block_n, x.dtype,
+                                 x.device)
         grid = (triton.cdiv(n_rows, block_m) * triton.cdiv(c1 - c0, block_n),)
         nested_ce_backward_tma_kernel[grid](
             bias_cols, target, lse, coef, plan.fold_at, pieces, x_descs[0], desc(w_c, [block_n, block_k]),

@@ -196,7 +196,8 @@ class ChunkPlan:
     end or -1; segments: int32 [n, 3] (first column, end column, dim folded at the end), the same whole tiles
     in runs that end at a boundary; heads: int32 [len(dims), 3] (m, first weight column, caller's index)
     ascending, the per-dim heads (concatenated along columns in the caller's order); k_align: what every
-    (pointer) chunk start is a multiple of."""
+    (pointer) chunk start is a multiple of; boxes_aligned: whether every TMA box starts on whole 16 bytes of
+    16-bit values, as Triton's descriptor loads require (always True without boxes)."""
     chunks: torch.Tensor
     fold_at: torch.Tensor
     segments: torch.Tensor
@@ -204,6 +205,7 @@ class ChunkPlan:
     k_start: int
     k_end: int
     k_align: int
+    boxes_aligned: bool
 
 
 def box_chunks(dims, k_start: int, box: int) -> list:
@@ -253,9 +255,10 @@ def chunk_plan(dims, shared: bool, block_k: int, device, box: int | None = None)
         k_align //= 2
     if box and shared:
         chunks = box_chunks(dims, k_start, box)
+    boxes_aligned = not (box and shared) or all(k0 % 8 == 0 for k0, *_ in chunks)
     as_tensor = lambda rows, width: torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1, width)  # noqa: E731
     return ChunkPlan(as_tensor(chunks, CHUNK_FIELDS.value), as_tensor(fold_at, 1)[:, 0], as_tensor(segments, 3),
-                     as_tensor(heads, 3), k_start, k_end, k_align)
+                     as_tensor(heads, 3), k_start, k_end, k_align, boxes_aligned)
 
 
 def launch_config(dtype: torch.dtype, backward: bool = False, tma: bool = False) -> dict:
@@ -310,13 +313,13 @@ def class_splits(n_rows: int, n_classes: int, block_m: int, block_n: int, device
     return max(1, min(triton.cdiv(2 * sms, triton.cdiv(n_rows, block_m)), triton.cdiv(n_classes, block_n)))
 
 
-def bias_columns(bias, n_heads: int, n_classes: int, block_n: int, dtype: torch.dtype) -> torch.Tensor:
+def bias_columns(bias, n_heads: int, n_classes: int, block_n: int, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
     """[n_heads * C_pad, BIAS_FIELDS] in the inputs' dtype, C_pad = C rounded up to whole class tiles: head h's
     class c at row h * C_pad + c holds its bias (0 without bias) in column 0 and zeros after; the padding rows
     hold -inf, so a class past the end starts its logits at -inf (logits_start)."""
     padded = triton.cdiv(n_classes, block_n) * block_n
-    cols = torch.zeros((n_heads, padded, BIAS_FIELDS.value), dtype=dtype, device=bias.device if bias is not None
-                       else None)
+    cols = torch.zeros((n_heads, padded, BIAS_FIELDS.value), dtype=dtype, device=device)
     cols[:, n_classes:, 0] = float("-inf")
     if bias is not None:
         cols[:, :n_classes, 0] = bias.to(dtype)
@@ -330,7 +333,7 @@ def lse_partials(x, w, bias, dims, shared, splits=None):
     tma = shared and use_tma(x, w)
     cfg = launch_config(x.dtype, tma=tma)
     plan = chunk_plan(dims, shared, cfg["BLOCK_K"], x.device, box=TMA_BOX if tma else None)
-    if tma and (plan.chunks[:, 0] * x.element_size() % 16).any():  # TMA box offsets are whole 16 bytes
+    if not plan.boxes_aligned:  # e.g. ViT's 12, 24, 48: the pointer path
         cfg = launch_config(x.dtype, tma=(tma := False))
         plan = chunk_plan(dims, shared, cfg["BLOCK_K"], x.device)
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -339,7 +342,7 @@ def lse_partials(x, w, bias, dims, shared, splits=None):
     per_split = triton.cdiv(triton.cdiv(n_classes, splits), block_n) * block_n
     splits = triton.cdiv(n_classes, per_split)
     part = torch.empty((splits, 2, n_rows, len(dims)), dtype=torch.float32, device=x.device)
-    bias_cols = bias_columns(bias, 1 if shared else len(dims), n_classes, block_n, x.dtype).to(x.device)
+    bias_cols = bias_columns(bias, 1 if shared else len(dims), n_classes, block_n, x.dtype, x.device)
     descriptors = [None] * 5
     if tma:
         descriptors = [TensorDescriptor.from_tensor(t, [rows, cols]) for t, rows, cols in
@@ -348,7 +351,8 @@ def lse_partials(x, w, bias, dims, shared, splits=None):
     grid = (triton.cdiv(n_rows, block_m), splits)
     nested_lse_forward_kernel[grid](
         x, w, bias_cols, part, plan.chunks, plan.segments, plan.fold_at, plan.heads, *descriptors, n_rows, n_classes,
-        len(dims), plan.chunks.shape[0], plan.segments.shape[0], plan.k_start, plan.k_end, per_split, bias_cols.shape[0] // (1 if shared else len(dims)),
+        len(dims), plan.chunks.shape[0], plan.segments.shape[0], plan.k_start, plan.k_end, per_split,
+        triton.cdiv(n_classes, block_n) * block_n,
         x.stride(0), w.stride(0), n_rows * len(dims), SHARED=shared, TMA=tma, BOX=TMA_BOX, K_ALIGN=plan.k_align,
         DIMS_PAD=triton.next_power_of_2(len(dims)), **cfg)
     return part
@@ -388,7 +392,7 @@ def nested_ce_forward_triton(x, w, bias, target, dims, shared, ignore_index, lab
         tgt_logit += bias.float()[:, safe_target].T if not shared else bias.float()[0, safe_target][:, None]
     losses = lse - (1 - label_smoothing) * tgt_logit
     if label_smoothing:
-        logit_sum = prefix_dots(x, w.float().sum(0, keepdim=True), dims, shared)
+        logit_sum = prefix_dots(x, w.sum(0, keepdim=True, dtype=torch.float32), dims, shared)
         if bias is not None:
             logit_sum += bias.float().sum(1)[None, :] if not shared else bias.float().sum()
         losses -= label_smoothing / w.shape[0] * logit_sum

@@ -56,9 +56,7 @@ def matryoshka_contrastive_loss(queries, docs, dims, temperature=0.05, labels=No
                                                  reduction=reduction, return_per_dim=return_per_dim)
     losses = nested_contrastive_rows_torch(queries, docs, dims, temperature, labels, normalize, symmetric)
     per_dim = losses.mean(0) if reduction == "mean" else losses.sum(0) if reduction == "sum" else losses
-    weights = torch.tensor([1.0] * len(dims) if dim_weights is None else [float(w) for w in dim_weights],
-                           dtype=per_dim.dtype, device=per_dim.device)
-    total = (per_dim @ weights).to(queries.dtype)
+    total = (per_dim @ torch.tensor(dim_weights, dtype=per_dim.dtype, device=per_dim.device)).to(queries.dtype)
     return (total, per_dim.detach().to(queries.dtype)) if return_per_dim else total
 
 
