@@ -48,6 +48,14 @@ def test_matches_float64(chunking, dims, normalize, symmetric):
     check(torch.float32, dims, normalize=normalize, symmetric=symmetric, temperature=0.07 if normalize else 20.0)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one_way", "symmetric"])
+def test_cold_cosine_shifts_by_row_maxima(chunking, reduction, symmetric):
+    """1/temperature above MAX_UNSHIFTED_LOGIT: exp(Z) could overflow, so rows are shifted by their maxima and
+    the column log-sum-exps merged across chunks."""
+    check(torch.float32, (3, 17, 70), symmetric=symmetric, temperature=0.01, reduction=reduction)
+
+
 @pytest.mark.parametrize("options", [dict(reduction="sum"), dict(reduction="none"),
                                      dict(reduction="none", return_per_dim=True),
                                      dict(return_per_dim=True, dim_weights=[0.5, 2.0, 1.0])],
@@ -93,12 +101,14 @@ def test_nan_propagates():
 
 def test_auto_takes_the_chunked_path(monkeypatch):
     calls = []
-    rows = contrastive_torch.nested_contrastive_rows_torch
-    monkeypatch.setattr("mrl_kernels.ops.contrastive.nested_contrastive_rows_torch",
-                        lambda *args: calls.append(1) or rows(*args))
+    for name in ("nested_contrastive_rows_torch", "nested_contrastive_total_torch"):
+        fn = getattr(contrastive_torch, name)
+        monkeypatch.setattr(f"mrl_kernels.ops.contrastive.{name}",
+                            lambda *args, fn=fn, name=name: calls.append(name) or fn(*args))
     q, docs = inputs(torch.float32)
     mk.matryoshka_contrastive_loss(q, docs, (3, 17, 70))
-    assert calls == [1]
+    mk.matryoshka_contrastive_loss(q, docs, (3, 17, 70), reduction="none")
+    assert calls == ["nested_contrastive_total_torch", "nested_contrastive_rows_torch"]
 
 
 def test_module_matches_the_op():

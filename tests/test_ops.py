@@ -81,39 +81,3 @@ def test_backends():
         mk.prefix_norms(torch.randn(2, 3), [3], backend="cuda")
     with pytest.raises(TypeError, match="float64"):
         mk.prefix_norms(torch.randn(2, 3, dtype=torch.float64), [3], backend="triton")
-
-
-def _gather_worker(rank, store_path, queries, docs, results):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
-    q = queries[rank].clone().requires_grad_()
-    d = docs[rank].clone().requires_grad_()
-    loss = mk.matryoshka_contrastive_loss(q, d, DIMS, gather=True, reduction="sum")
-    loss.backward()
-    results[rank] = (loss.detach(), q.grad, d.grad)
-    dist.destroy_process_group()
-
-
-def test_gather_two_ranks(tmp_path):
-    """Each rank's queries see both ranks' docs, positives at the rank's offset, and the gradient
-    reaching each rank's docs is the sum over both ranks' losses."""
-    import torch.multiprocessing as mp
-
-    g = torch.Generator().manual_seed(3)
-    queries = torch.randn(2, 5, D, generator=g)
-    docs = torch.randn(2, 6, D, generator=g)
-    results = mp.Manager().dict()
-    mp.spawn(_gather_worker, args=(str(tmp_path / "store"), queries, docs, results), nprocs=2)
-    all_docs = docs.reshape(12, D).clone().requires_grad_()
-    total = 0
-    for rank in range(2):
-        q = queries[rank].clone().requires_grad_()
-        loss = reference.nested_contrastive_loss(q, all_docs, DIMS, labels=torch.arange(5) + 6 * rank,
-                                                 reduction="sum")
-        (q_grad,) = torch.autograd.grad(loss, q, retain_graph=True)
-        torch.testing.assert_close(results[rank][0], loss.detach())
-        torch.testing.assert_close(results[rank][1], q_grad)
-        total = total + loss
-    (docs_grad,) = torch.autograd.grad(total, all_docs)
-    torch.testing.assert_close(torch.cat([results[0][2], results[1][2]]), docs_grad)

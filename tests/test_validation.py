@@ -69,7 +69,6 @@ BAD_CL = [
     (dict(labels=torch.full((N,), N + 4)), ValueError, "labels has entry 15 outside"),
     (dict(labels=torch.zeros(N, dtype=torch.long), symmetric=True), ValueError, "labels must be unique"),
     (dict(gather=True), ValueError, "initialized torch.distributed"),
-    (dict(gather=True, symmetric=True), ValueError, "symmetric=True with gather=True"),
     (dict(queries=torch.empty(0, D)), ValueError, "queries is empty"),
     (dict(dims=(21,)), ValueError, r"dims\[0\] must be in"),
 ]
