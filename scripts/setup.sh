@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs mrl-kernels (editable) and what it needs into the current python (or $PYTHON).
 #   bash scripts/setup.sh          the library and the demo's needs
-#   bash scripts/setup.sh test     ... plus the test and benchmark tools, at the known-good versions of
-#                                  constraints/test.txt (triton 3.6 among them), so a test run is reproducible
+#   bash scripts/setup.sh test     ... plus the test and benchmark tools and sentence-transformers (the `st`
+#                                  extra), at the known-good versions of constraints/test.txt (triton 3.6
+#                                  among them), so a test run is reproducible
 # Without an NVIDIA GPU, torch is pinned to the CPU build first: an unpinned `torch` requirement would
 # pull a CUDA build of several GB that this machine cannot use. A torch that is already there is kept.
 set -euo pipefail
@@ -12,7 +13,7 @@ pip=("$py" -m pip install --quiet --disable-pip-version-check)
 extras=demo
 constraints=()
 if [ "${1:-}" = test ]; then
-    extras=demo,test,bench
+    extras=demo,test,bench,st
     constraints=(-c constraints/test.txt)
 fi
 if ! "$py" -c "import torch" 2>/dev/null; then
