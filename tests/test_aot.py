@@ -51,6 +51,8 @@ def test_every_kernel_compiles(reports, archs):
         assert r["ordered_atomics"] == 0, f"{r['label']} sm_{r['arch']}: atomics with acq_rel ordering (see aot.py)"
         if r["arch"] == 90 and r["label"].startswith("nested_ce_"):
             check_nested_ce_on_hopper(r)
+        if r["label"].startswith("contrastive_"):
+            check_contrastive(r)
 
 
 def check_nested_ce_on_hopper(r):
@@ -72,6 +74,46 @@ def check_nested_ce_on_hopper(r):
         assert r["registers"] <= 232, f"{name}: {r['registers']} registers"
         assert not tma or (r["tma_loads"] > 0 and r["bulk_reductions"] >= 5 and r["scalar_atomics"] == 0
                            and "m64n64k16" in r["wgmma_shapes"]), f"{name}: {r}"
+
+
+CONTRASTIVE_MODULES = ("mrl_kernels.kernels.contrastive_forward", "mrl_kernels.kernels.contrastive_backward")
+
+
+@pytest.fixture(scope="module")
+def contrastive_reports(archs):
+    """The AOT reports of the contrastive kernels alone (`pytest -k contrastive` need not compile the rest)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    code = ("import sys\nfrom mrl_kernels.kernels import aot\n"
+            f"aot.KERNEL_MODULES = {CONTRASTIVE_MODULES!r}\naot.main(sys.argv[1:])")
+    arch_args = [arg for arch in archs for arg in ("--arch", str(arch))]
+    proc = subprocess.run([sys.executable, "-c", code, *arch_args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_contrastive_kernels_compile(contrastive_reports, archs):
+    assert {r["arch"] for r in contrastive_reports} == set(archs)
+    assert {r["label"].split("[")[0] for r in contrastive_reports} == {"contrastive_forward", "contrastive_backward"}
+    for r in contrastive_reports:
+        assert r["error"] is None, f"{r['label']} sm_{r['arch']}: {r['error']}"
+        print(f"{r['label']} sm_{r['arch']}: shared={r['shared']} B registers={r['registers']} "
+              f"spill stores={r['spill_bytes']} B wgmma={','.join(r['wgmma_shapes']) or '-'}")
+        check_contrastive(r)
+
+
+def check_contrastive(r):
+    """The contrastive kernels: within shared memory, no atomics at all (owner-computes: deterministic); on
+    sm_90 no spills and no serialized wgmma, the forward within 128 registers, the backward within 232 (see the
+    launch_config of each)."""
+    name = f"{r['label']} sm_{r['arch']}"
+    assert r["fits"] and r["scalar_atomics"] == 0 and r["ordered_atomics"] == 0, f"{name}: {r}"
+    if r["arch"] == 90:
+        assert r["spill_bytes"] == 0, f"{name}: {r['spill_bytes']} B of register spills"
+        assert not r["wgmma_serialized"], f"{name}: ptxas serialized the wgmma (C7515)"
+        limit = 128 if r["kernel"] == "contrastive_lse_kernel" else 232
+        assert r["registers"] <= limit, f"{name}: {r['registers']} registers"
 
 
 def test_scalar_atomics_are_counted():
@@ -106,6 +148,7 @@ def test_launchers_do_not_import_the_compiler_module():
     """Running a kernel needs none of the AOT machinery (it imports triton.compiler internals)."""
     code = ("import sys, mrl_kernels.kernels.prefix_topk, mrl_kernels.kernels.prefix_filter, "
             "mrl_kernels.kernels.prefix_norms, mrl_kernels.kernels.nested_ce_forward, "
-            "mrl_kernels.kernels.nested_ce_backward; assert 'mrl_kernels.kernels.aot' not in sys.modules")
+            "mrl_kernels.kernels.nested_ce_backward, mrl_kernels.kernels.contrastive_forward, "
+            "mrl_kernels.kernels.contrastive_backward; assert 'mrl_kernels.kernels.aot' not in sys.modules")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, timeout=300)

@@ -140,7 +140,8 @@ def compile_with_ptxas_log(src, target, options):
 # min_arch: the variant is only launched from that arch on (reported as skipped below it).
 KERNEL_MODULES = ("mrl_kernels.kernels.prefix_norms", "mrl_kernels.kernels.nested_ce_forward",
                   "mrl_kernels.kernels.nested_ce_backward", "mrl_kernels.kernels.prefix_topk",
-                  "mrl_kernels.kernels.prefix_filter")
+                  "mrl_kernels.kernels.prefix_filter", "mrl_kernels.kernels.contrastive_forward",
+                  "mrl_kernels.kernels.contrastive_backward")
 
 
 def compile_spec(module: str, index: int, arch: int) -> dict:

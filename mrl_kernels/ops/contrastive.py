@@ -7,11 +7,14 @@ from .. import reference
 from ._backend import resolve_backend
 from .._nesting import acc_dtype
 from .contrastive_torch import nested_contrastive_rows_torch, nested_contrastive_total_torch
+from .contrastive_triton import nested_contrastive_rows_triton
 from ._validation import (REDUCTIONS, check_choice, check_dim_weights, check_dims, check_finite, check_labels,
                           check_like, check_tensor)
 
-# "auto" takes the chunked torch path (ops/contrastive_torch.py); "reference" is the eager per-dim loop.
-IMPLEMENTED = ("torch", "reference")
+# "auto" takes the chunked torch path (ops/contrastive_torch.py) on every device: the Triton kernels
+# (ops/contrastive_triton.py) are exact under the interpreter but have not been timed on a GPU yet, so they run
+# only when asked for. "reference" is the eager per-dim loop.
+IMPLEMENTED = ("torch", "triton", "reference")
 
 
 def matryoshka_contrastive_loss(queries, docs, dims, temperature=0.05, labels=None, normalize=True,
@@ -73,6 +76,8 @@ def _rows(backend, queries, docs, dims, temperature, labels, normalize, symmetri
     """Per-query losses [B, len(dims)] (caller's order), differentiable."""
     if backend == "torch":
         return nested_contrastive_rows_torch(queries, docs, dims, temperature, labels, normalize, symmetric)
+    if backend == "triton":
+        return nested_contrastive_rows_triton(queries, docs, dims, temperature, labels, normalize, symmetric)
     return torch.stack([reference.nested_contrastive_loss(queries, docs, (m,), temperature=temperature,
                                                           labels=labels, normalize=normalize, symmetric=symmetric,
                                                           reduction="none") for m in dims], 1)
