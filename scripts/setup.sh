@@ -6,6 +6,8 @@
 #                                  among them), so a test run is reproducible
 # Without an NVIDIA GPU, torch is pinned to the CPU build first: an unpinned `torch` requirement would
 # pull a CUDA build of several GB that this machine cannot use. A torch that is already there is kept.
+# Run as root where apt-get exists, it also installs the demos' real data from Debian (Fashion-MNIST, WordNet);
+# elsewhere it says so and goes on: the loaders in mrl_kernels.datasets also read a directory you pass them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python}
@@ -33,3 +35,23 @@ then
     constraints=(-c "${TMPDIR:-/tmp}/mrl-kernels-constraints.txt")
 fi
 "${pip[@]}" "${constraints[@]}" -e ".[$extras]"
+
+# The demos' data: dataset-fashion-mnist (/usr/share/datasets/fashion-mnist/) and wordnet-base (/usr/share/wordnet/).
+# Never fatal. apt-get update runs only when the install fails without it (package lists absent or stale).
+debian_data() {
+    local missing=()
+    [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || missing+=(dataset-fashion-mnist)
+    [ -f /usr/share/wordnet/data.noun ] || missing+=(wordnet-base)
+    ((${#missing[@]})) || return 0
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "setup.sh: not root with apt-get, so not installing ${missing[*]}; the demos need them" \
+             "(apt-get install ${missing[*]}) or a data directory passed to the loaders" >&2
+        return 0
+    fi
+    local apt=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}")
+    if ! "${apt[@]}" >/dev/null 2>&1 && ! { apt-get update -qq >/dev/null 2>&1 && "${apt[@]}" >/dev/null 2>&1; }; then
+        echo "setup.sh: warning: could not install ${missing[*]} with apt-get; the demos need them" \
+             "or a data directory passed to the loaders" >&2
+    fi
+}
+debian_data

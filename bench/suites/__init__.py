@@ -4,10 +4,11 @@ module here plus its entry in SUITES."""
 from __future__ import annotations
 
 from bench.harness import Suite
-from bench.suites import contrastive, nested_ce, prefix_norms, search
+from bench.suites import contrastive, nested_ce, prefix_norms, search, training
 
 SUITES: dict[str, Suite] = {s.name: s for s in (contrastive.SUITE, nested_ce.SUITE, nested_ce.SMALL, prefix_norms.SUITE,
-                                                prefix_norms.SMALL, search.SUITE, search.SMALL)}
+                                                prefix_norms.SMALL, search.SUITE, search.SMALL,
+                                                training.SUITE)}
 
 
 def get(name: str) -> Suite:
