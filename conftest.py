@@ -56,6 +56,25 @@ def _add_interpreter_descriptor_reduce():
     interpreter.InterpreterBuilder.create_descriptor_reduce = create_descriptor_reduce
 
 
+def _fast_interpreter_nan_max():
+    """The interpreter runs a reduction whose combine function it does not know one element at a time in
+    Python (seconds per search tile); the search's NaN-propagating maximum (prefix_tile_max._nan_max, which
+    compiles to one max.NaN per element) is NumPy's np.max, so hand it that."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    from mrl_kernels.kernels.prefix_tile_max import _nan_max
+
+    apply_impl = interpreter.ReduceOps.apply_impl
+
+    def apply_nan_max(self, input):
+        if self.combine_fn == _nan_max:
+            return self.min_max(input[0], val_reduce_op=np.max)
+        return apply_impl(self, input)
+
+    interpreter.ReduceOps.apply_impl = apply_nan_max
+
+
 def pytest_addoption(parser):
     parser.addoption("--aot-arch", type=int, action="append", default=None, metavar="ARCH",
                      help="the ahead-of-time compile check (tests/test_aot.py) compiles for this sm_ arch only "
@@ -65,3 +84,4 @@ def pytest_addoption(parser):
 if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter_bf16_dot()
     _add_interpreter_descriptor_reduce()
+    _fast_interpreter_nan_max()

@@ -53,6 +53,23 @@ def test_every_kernel_compiles(reports, archs):
             check_nested_ce_on_hopper(r)
         if r["label"].startswith("contrastive_"):
             check_contrastive(r)
+        if r["arch"] == 90 and r["label"].startswith(("prefix_tile_max[", "gather_scores[")):
+            check_search_on_hopper(r)
+
+
+def check_search_on_hopper(r):
+    """The search's shipped sm_90 configs, compiled with the hints the JIT applies (DIM a constexpr, strides and
+    row counts divisible by 16; d = 8 included): no spills, at most 128 registers for 16-bit storage and 168
+    for fp32. The tile-maximum pass: a wgmma in the loop for 16-bit storage, and at the shortlist dims (one dot
+    step per tile) database loads in flight across the wait (cp.async.wait_group n >= 1: pipelined)."""
+    fp32 = "[float32-" in r["label"]
+    assert r["spill_bytes"] == 0, f"{r['label']}: {r['spill_bytes']} B spilled"
+    assert r["registers"] <= (168 if fp32 else 128), f"{r['label']}: {r['registers']} registers"
+    if r["label"].startswith("prefix_tile_max["):
+        if not fp32:
+            assert r["wgmma_shapes"] and not r["wgmma_serialized"], r
+        if "-d2048-" not in r["label"]:
+            assert r["async_waits"] and max(r["async_waits"]) >= 1, f"{r['label']}: loads not pipelined {r}"
 
 
 def check_nested_ce_on_hopper(r):
@@ -136,6 +153,11 @@ def test_wgmma_shapes_are_read_from_the_ptx():
     assert aot.wgmma_shapes("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == []
 
 
+def test_async_waits_are_read_from_the_ptx():
+    assert aot.async_waits("cp.async.wait_group 1;\n\tcp.async.wait_group 0;\ncp.async.wait_group\t1;") == [0, 1]
+    assert aot.async_waits("ld.global.v4.b32 {%r1}, [%rd1];") == []
+
+
 def test_ptxas_log_is_parsed():
     log = ("ptxas info    : Used 168 registers, used 1 barriers, 344 bytes smem, 400 bytes cmem[0]\n"
            "ptxas info    : Function properties for k\n    24 bytes stack frame, 380 bytes spill stores, "
@@ -146,7 +168,8 @@ def test_ptxas_log_is_parsed():
 
 def test_launchers_do_not_import_the_compiler_module():
     """Running a kernel needs none of the AOT machinery (it imports triton.compiler internals)."""
-    code = ("import sys, mrl_kernels.kernels.prefix_topk, mrl_kernels.kernels.prefix_filter, "
+    code = ("import sys, mrl_kernels.kernels.prefix_topk, mrl_kernels.kernels.prefix_tile_max, "
+            "mrl_kernels.kernels.gather_scores, "
             "mrl_kernels.kernels.prefix_norms, mrl_kernels.kernels.nested_ce_forward, "
             "mrl_kernels.kernels.nested_ce_backward, mrl_kernels.kernels.contrastive_forward, "
             "mrl_kernels.kernels.contrastive_backward; assert 'mrl_kernels.kernels.aot' not in sys.modules")

@@ -1,14 +1,16 @@
-"""The prefix top-k Triton kernel against a float64 brute force on the same (rounded) values: every metric and
-dtype, k below the in-kernel cap, at it, and above it (the chunked path), dim = 1 and dim = D, Q = 1 and Q not a
-multiple of the query block, N not a multiple of any tile, and a database that is a column slice of a wider
-tensor (row stride > D, read in place)."""
+"""The Triton prefix top-k (tile maxima, tile selection, gather re-score) and re-rank against a float64 brute
+force on the same (rounded) values: every metric and dtype, k = 1, k below and above a tile's height, k = N,
+dim = 1, an odd dim, d = 8 and dim = D, Q = 1 and Q not a multiple of the query block, N not a multiple of any
+tile, a database that is a column slice of a wider tensor (row stride > D, read in place), NaN rows, exact ties
+(smallest id first, every run) and near-duplicates within the selection margin."""
 import pytest
 import torch
-import triton
 
-from mrl_kernels.kernels.prefix_filter import filter_config, filtered_topk
-from mrl_kernels.kernels.prefix_scores import decode, launch_config
-from mrl_kernels.kernels.prefix_topk import _launch, prefix_topk_triton
+from mrl_kernels import reference
+from mrl_kernels.kernels import gather_scores
+from mrl_kernels.kernels.gather_scores import decode_keys, gather_keys
+from mrl_kernels.kernels.prefix_tile_max import tile_maxima
+from mrl_kernels.kernels.prefix_topk import prefix_topk_triton, rerank_triton, select_tiles, tile_rows
 
 TOL = 1e-5  # fp32 accumulation of exact products (16-bit inputs are compared on their rounded values)
 
@@ -59,13 +61,13 @@ def make(n_q, n, d, dtype, device, wide=0):
     return q, x
 
 
-CASES = [  # (Q, N, D, dim, k): ks 1, 8, 128 in the kernel; 200 and N in the chunked path
-    (70, 333, 40, 40, 7),
-    (1, 301, 24, 24, 1),
-    (70, 333, 40, 1, 7),
-    (33, 517, 40, 17, 100),
-    (70, 333, 40, 33, 200),
-    (5, 301, 24, 24, 301),  # k = 2048 capped at N
+CASES = [  # (Q, N, D, dim, k)
+    (70, 333, 40, 40, 7),     # two query blocks of fp32's 64, the second partial; dim = D
+    (1, 301, 24, 24, 1),      # one query, k = 1
+    (70, 333, 40, 1, 7),      # dim = 1
+    (33, 517, 40, 17, 100),   # odd dim, k above the tile height
+    (9, 1000, 24, 8, 200),    # d = 8, k well above the tile height
+    (5, 301, 24, 24, 301),    # k = N
 ]
 
 
@@ -85,14 +87,29 @@ def test_matches_float64_brute_force(kernel_device, n_q, n, d, dim, k, dtype, me
 
 @pytest.mark.triton
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_splits_and_chunks(kernel_device, metric):
-    """Several database splits (candidate merge across splits, a short last split padded) and small score
-    chunks (several query batches and database chunks in the k > cap path)."""
+def test_tiles_splits_and_batches(kernel_device, metric):
+    """Every tile height, one to many database splits (a short last split), and a budget of two queries per
+    batch (each batch its own tile maxima and selection)."""
     torch.manual_seed(1)
     q, x = make(37, 450, 32, torch.float32, kernel_device, wide=3)
-    for splits in (1, 3, 8):
-        check(*prefix_topk_triton(q, x, 5, 32, metric, splits=splits), q, x, 5, 32, metric)
-    check(*prefix_topk_triton(q, x, 300, 20, metric, chunk_elems=4000), q, x, 300, 20, metric)
+    for block_n in (16, 128):
+        for splits in (1, 30):
+            check(*prefix_topk_triton(q, x, 5, 20, metric, block_n=block_n, splits=splits), q, x, 5, 20, metric)
+    per_query = 8 * 15 + 16 * 40 * 32  # _batch_queries' estimate at N = 450, k = 30, 32-row tiles
+    check(*prefix_topk_triton(q, x, 30, 20, metric, block_n=32, budget_bytes=2 * per_query), q, x, 30, 20, metric)
+
+
+@pytest.mark.triton
+def test_tile_maxima_match_the_brute_force(kernel_device):
+    """Pass 1 alone: the best t of every tile (t = q.x, q.x / |x| or 2 q.x - |x|^2), the last tile short."""
+    torch.manual_seed(3)
+    q, x = make(5, 203, 24, torch.float32, kernel_device, wide=2)
+    qd, xd = q.double().cpu()[:, :19], x.double().cpu()[:, :19]
+    ts = {"ip": qd @ xd.T, "cosine": (qd @ xd.T) / xd.norm(dim=1), "l2": 2 * qd @ xd.T - xd.square().sum(1)}
+    for metric, t in ts.items():
+        got = tile_maxima(q, x, 19, metric, 32).cpu().double()
+        want = torch.nn.functional.pad(t, (0, 7 * 32 - 203), value=-float("inf")).view(5, 7, 32).amax(2)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), metric
 
 
 @pytest.mark.triton
@@ -104,177 +121,155 @@ def test_zero_rows_cosine(kernel_device):
     scores, ids = prefix_topk_triton(q, x, 100, 16, "cosine")
     got = torch.zeros(3, 100).scatter_(1, ids.cpu(), scores.cpu())
     assert (got[:, 5] == 0).all() and (got[1] == 0).all()
+    assert torch.equal(ids[1].cpu(), torch.arange(100))  # all tied: ascending ids
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 @pytest.mark.parametrize("k", [4, 200])
 def test_nan_rows_surface_first(kernel_device, metric, k):
-    """A NaN in a database row makes that row's scores NaN; they rank first for every metric, never dropped."""
-    q, x = make(4, 300, 16, torch.float32, kernel_device)
-    x[17, 3] = float("nan")
+    """A NaN in a database row makes that row's scores NaN; they rank first for every metric, never dropped,
+    smallest id first."""
+    q, x = make(4, 300, 16, torch.float16, kernel_device)
     x[250, 0] = float("nan")
+    x[17, 3] = float("nan")
     scores, ids = prefix_topk_triton(q, x, k, 16, metric)
     assert torch.isnan(scores[:, :2]).all() and not torch.isnan(scores[:, 2:]).any()
-    assert (ids[:, :2].sort(1).values.cpu() == torch.tensor([17, 250])).all()
+    assert (ids[:, :2].cpu() == torch.tensor([17, 250])).all()
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("select", [True, False])
-def test_outputs_fully_written(kernel_device, select):
-    """Both kernel modes write every element of the buffers the host allocates with torch.empty: launched here
-    on poisoned buffers, no poison survives (candidate keys: a short last split's padding is written too)."""
-    torch.manual_seed(2)
-    q, x = make(9, 130, 8, torch.float32, kernel_device, wide=5)
-    poison = 0x7FFFFFFFFFFFFFFF  # would decode as a NaN score with id 2**32 - 1
-    if select:
-        cfg = launch_config(torch.float32, 8, 4)
-        per_split, splits = cfg["BLOCK_N"], 3  # 130 rows: the last split holds 2 real rows, 62 padded
-        out = torch.full((9, splits * 4), poison, dtype=torch.int64, device=kernel_device)
-        _launch(q, x, out, 8, "ip", cfg, True, per_split, splits)
-        assert (out != poison).all()
-        top, ids = decode(torch.topk(out, 3, dim=1).values, "ip")
-        check(top, ids, q, x, 3, 8, "ip")
-    else:
-        cfg = launch_config(torch.float32, 8, 1)
-        out = torch.full((9, 130), float("nan"), device=kernel_device)
-        _launch(q, x, out, 8, "l2", cfg, False, cfg["BLOCK_N"], 3)
-        assert torch.allclose(-out.cpu().double(), -brute_force(q, x, 8, "l2"), rtol=1e-5, atol=1e-4)
+def test_more_nan_rows_than_k(kernel_device):
+    """Every row of several tiles NaN: the k NaN rows with the smallest ids, wherever they lie."""
+    q, x = make(2, 500, 8, torch.float32, kernel_device)
+    nan_rows = torch.tensor([3, 40, 41, 200, 201, 202, 499])
+    x[nan_rows, 1] = float("nan")
+    scores, ids = prefix_topk_triton(q, x, 5, 8, "l2", block_n=32)
+    assert torch.isnan(scores).all() and (ids.cpu() == nan_rows[:5]).all()
 
 
-# ---- k > KS_MAX on a database of at least k tiles: the threshold filter (prefix_filter.py) ----
+def exact_ties(kernel_device, n=1700):
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(-1, 2, (6, 8), generator=g).float().to(kernel_device)
+    x = torch.randint(-1, 2, (n, 8), generator=g).float().to(kernel_device)
+    return q, x
 
-@pytest.fixture
-def filter_counts(monkeypatch):
-    """The (keys above tau, keys equal to tau) counts and capacity of every filter launch, in order."""
-    from mrl_kernels.kernels import prefix_filter
 
-    seen, run = [], prefix_filter._filter
+def expected_with_smallest_ids(q, x, k, dim, metric):
+    """The reference's best k by score, equal scores in ascending id (stable sort of the float64 scores)."""
+    ref = brute_force(q, x, dim, metric)
+    order = torch.sort(ref, dim=1, descending=True, stable=True).indices[:, :k]
+    return ref.gather(1, order), order
 
-    def spy(queries, database, tau, k, dim, metric, cfg, capacity):
-        keys, count = run(queries, database, tau, k, dim, metric, cfg, capacity)
-        seen.append((count.cpu(), capacity))
-        return keys, count
 
-    monkeypatch.setattr(prefix_filter, "_filter", spy)
-    return seen
+@pytest.mark.triton
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_ties_take_the_smallest_ids(kernel_device, metric):
+    """Integer data: hundreds of rows share each score. The ids are exactly the reference's with ties in
+    ascending id, and the same on a second run."""
+    q, x = exact_ties(kernel_device)
+    want_scores, want_ids = expected_with_smallest_ids(q, x, 25, 8, metric)
+    for _ in range(2):
+        scores, ids = prefix_topk_triton(q, x, 25, 8, metric, block_n=32)
+        oriented = -scores.cpu().double() if metric == "l2" else scores.cpu().double()
+        assert torch.allclose(oriented, want_scores, rtol=1e-6, atol=1e-6)
+        assert torch.equal(ids.cpu(), want_ids)
 
+
+@pytest.mark.triton
+def test_near_duplicates_within_the_margin(kernel_device):
+    """The query's best row copied into every tile, the copies a few ulps apart: all those tiles have maxima
+    within the selection margin of tau, so more than k are selected, and the answer is still exact."""
+    torch.manual_seed(12)
+    q, x = make(1, 640, 16, torch.float32, kernel_device)
+    for t in range(20):  # scores 3 |q|^2 (1 + t 1e-7), far above the random rows'
+        x[t * 32 + 5] = 3 * q[0] * (1 + t * 1e-7)
+    maxima = tile_maxima(q, x, 16, "ip", 32)
+    from mrl_kernels.kernels.prefix_topk import max_prefix_norm, selection_margin
+
+    margin = selection_margin(q, 16, "ip", max_prefix_norm(x, 16))
+    assert select_tiles(maxima.clone(), 2, margin, None).shape[1] > 2
+    check(*prefix_topk_triton(q, x, 2, 16, "ip", block_n=32), q, x, 2, 16, "ip")
+
+
+def test_select_tiles():
+    """Every tile within the margin of the k-th largest maximum (for l2 also of the |q|^2 ceiling), NaN as +inf,
+    all tiles when there are no more than k; the width is the most any query needs."""
+    maxima = torch.tensor([[5.0, 1.0, 4.0, 3.95, 0.0, 2.0],
+                           [float("nan"), 1.0, 2.0, 3.0, 4.0, 5.0]])
+    margin = torch.tensor([0.1, 0.1], dtype=torch.float64)
+    tiles = select_tiles(maxima.clone(), 2, margin, None)
+    assert tiles.dtype == torch.int32 and tiles.shape == (2, 3)
+    assert set(tiles[0].tolist()) == {0, 2, 3} and set(tiles[1, :2].tolist()) == {0, 5}
+    ceiling = torch.tensor([1.5, 9.0], dtype=torch.float64)  # query 0: rows at distance 0 possible from t >= 1.5
+    assert set(select_tiles(maxima.clone(), 2, margin, ceiling)[0].tolist()) == {0, 2, 3, 5}
+    assert torch.equal(select_tiles(maxima.clone(), 6, margin, None), torch.arange(6, dtype=torch.int32).expand(2, 6))
+    wide = torch.zeros(1, 100)  # all tied: beyond topk's first guess of k + 8 tiles
+    assert select_tiles(wide, 3, torch.zeros(1, dtype=torch.float64), None).shape == (1, 100)
+
+
+def test_tile_rows():
+    assert tile_rows(10_000_000, 200) == 128 and tile_rows(10_000_000, 2048) == 64 and tile_rows(333, 7) == 32
+
+
+# ---- gather-dot re-score and re-rank ----
 
 @pytest.mark.triton
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_filter_matches_float64_brute_force(kernel_device, filter_counts, metric, dtype):
-    """Q = 70 (two query blocks, the second partial), N not a multiple of the tile, a strided prefix, odd dim.
-    The default capacity fits (one filter launch per batch); a capacity of 3 overflows for every query, which
-    are then filtered again at their exact count (exact)."""
-    torch.manual_seed(5)
-    q, x = make(70, 1541, 24, dtype, kernel_device, wide=5)
-    check(*filtered_topk(q, x, 20, 17, metric), q, x, 20, 17, metric)
-    assert [c for _, c in filter_counts] == [80, 80]  # two batches of whole query blocks (64 + 6), no re-filter
-    assert all((count[:, 0] <= 80).all() for count, _ in filter_counts)
-    filter_counts.clear()
-    check(*filtered_topk(q, x, 20, 17, metric, capacity=3), q, x, 20, 17, metric)
-    (first, cap1), (_, again1), (second, cap2), (_, again2) = filter_counts
-    assert cap1 == cap2 == 3 and (first[:, 0] > 3).all() and (second[:, 0] > 3).all()
-    assert (again1, again2) == (int(first[:, 0].max()), int(second[:, 0].max()))
+def test_rerank_matches_the_reference(kernel_device, metric, dtype):
+    """Candidates with repeats, int32 and int64, re-scored at 70 of 100 dims (a K loop, its tail masked)."""
+    torch.manual_seed(4)
+    q, x = make(11, 257, 100, dtype, kernel_device, wide=5)
+    candidates = torch.randint(0, 257, (11, 40), device=kernel_device)
+    candidates[:, 1] = candidates[:, 0]
+    want_s, want_i = reference.rerank(q.double(), x.double(), candidates, 12, dim=70, metric=metric)
+    for ids in (candidates, candidates.int()):
+        scores, got = rerank_triton(q, x, ids, 12, 70, metric)
+        assert torch.allclose(scores.double(), want_s, rtol=1e-5, atol=1e-4)
+        assert torch.equal(torch.sort(got, 1).values, torch.sort(want_i, 1).values)
 
 
 @pytest.mark.triton
-def test_filter_small_budget(kernel_device, filter_counts):
-    """A budget of two queries per batch and one per re-filter: every batch and re-filter writes its own rows."""
-    torch.manual_seed(11)
-    q, x = make(6, 1541, 24, torch.float32, kernel_device)
-    tiles = triton.cdiv(1541, filter_config(torch.float32, 17)["BLOCK_N"])
-    budget = 2 * (tiles * 4 + (3 + 20) * 8) + 1
-    check(*filtered_topk(q, x, 20, 17, "l2", capacity=3, budget_bytes=budget), q, x, 20, 17, "l2")
-    assert [len(count) for count, _ in filter_counts] == [2, 1, 1] * 3
+def test_gather_writes_every_slot_and_marks_missing_rows(kernel_device, monkeypatch):
+    """Launched on a poisoned buffer: every key written; a tile's rows past N get the missing-row key (below
+    every real one). Grid axis 1 split over several launches (a tiny limit here) gives the same keys."""
+    torch.manual_seed(2)
+    q, x = make(3, 70, 8, torch.float16, kernel_device, wide=5)
+    poison = 0x7FFFFFFFFFFFFFFF  # would decode as a NaN score with a negative id
+    empty = torch.empty
+    monkeypatch.setattr(gather_scores.torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(poison))
+    tiles = torch.tensor([[2, 0], [1, 2], [2, 1]], dtype=torch.int32, device=kernel_device)
+    keys = gather_keys(q, x, tiles, 8, "l2", rows_per_id=32)
+    assert keys.shape == (3, 64) and (keys != poison).all()
+    missing = (keys >> 32) == -2 ** 31
+    assert missing.sum().item() == 3 * 26  # tile 2 holds rows 64..95, 26 of them past N = 70
+    scores, ids = decode_keys(keys[~missing].view(3, 38), "l2")
+    assert torch.allclose(-scores.double(), brute_force(q, x, 8, "l2").gather(1, ids.cpu()), rtol=1e-4, atol=1e-3)
+    monkeypatch.setattr(gather_scores, "MAX_GRID_Y", 1)  # one 128-slot block per launch: 4 ids of 32 rows
+    assert torch.equal(gather_keys(q, x, tiles.repeat(1, 5), 8, "l2", rows_per_id=32), keys.repeat(1, 5))
 
 
-@pytest.mark.triton
-def test_filter_with_the_best_rows_in_few_tiles(kernel_device):
-    """Rows sorted by score for the first query: its k best fill the first tiles, so tau (the k-th best tile
-    maximum) is far below its k-th best score and most rows pass: the overflow path, exact."""
-    torch.manual_seed(6)
-    q, x = make(3, 3000, 16, torch.float32, kernel_device)
-    x = x[torch.argsort(brute_force(q, x, 16, "ip")[0].to(kernel_device), descending=True)]
-    scores, ids = filtered_topk(q, x, 30, 16, "ip")
-    check(scores, ids, q, x, 30, 16, "ip")
-    assert (ids[0].sort().values.cpu() == torch.arange(30)).all()
-
-
-@pytest.mark.triton
-@pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_filter_ties_at_the_threshold(kernel_device, filter_counts, metric):
-    """Integer data: more than k rows share the threshold key, so the tie list fills and the rest are dropped.
-    The answer takes as many of them as it needs; any choice among equal scores is right, so compare the
-    scores and each id's own score."""
-    g = torch.Generator().manual_seed(7)
-    q = torch.randint(-1, 2, (6, 8), generator=g).float().to(kernel_device)
-    x = torch.randint(-1, 2, (1700, 8), generator=g).float().to(kernel_device)
-    k = 25
-    scores, ids = filtered_topk(q, x, k, 8, metric)
-    ref = brute_force(q, x, 8, metric)
-    oriented = -scores.cpu().double() if metric == "l2" else scores.cpu().double()
-    assert torch.equal(oriented, torch.topk(ref, k, dim=1).values)
-    assert torch.equal(ref.gather(1, ids.cpu()), oriented)
-    assert all(len(set(row.tolist())) == k for row in ids.cpu())
-    ((count, _),) = filter_counts
-    assert ((count[:, 0] < k) & (count[:, 1] > k)).any()  # a query that needs ties and has more than room
-
-
-@pytest.mark.triton
-@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
-def test_filter_nan_rows_surface_first(kernel_device, metric):
-    torch.manual_seed(9)
-    q, x = make(4, 1400, 16, torch.float32, kernel_device)
-    x[17, 3] = float("nan")
-    x[1250, 0] = float("nan")
-    scores, ids = filtered_topk(q, x, 21, 16, metric)
-    assert torch.isnan(scores[:, :2]).all() and not torch.isnan(scores[:, 2:]).any()
-    assert (ids[:, :2].sort(1).values.cpu() == torch.tensor([17, 1250])).all()
-
-
-@pytest.mark.triton
-def test_large_k_dispatch(kernel_device, monkeypatch):
-    """prefix_topk_triton takes the filter for k > KS_MAX where the database has k tiles, else the chunked
-    scores; both exact."""
-    from mrl_kernels.kernels import prefix_topk
-
-    taken = []
-    monkeypatch.setattr(prefix_topk, "KS_MAX", 8)
-    monkeypatch.setattr(prefix_topk, "_chunked_topk",
-                        lambda *a, _f=prefix_topk._chunked_topk: taken.append("chunked") or _f(*a))
-    monkeypatch.setattr(prefix_topk, "filtered_topk",
-                        lambda *a, _f=prefix_topk.filtered_topk: taken.append("filter") or _f(*a))
-    torch.manual_seed(8)
-    tile = filter_config(torch.float32, 16)["BLOCK_N"]
-    for n, path in ((19 * tile + 1, "filter"), (19 * tile, "chunked")):  # 20 tiles (the last of one row), 19
-        q, x = make(5, n, 16, torch.float32, kernel_device)
-        check(*prefix_topk_triton(q, x, 20, 16, "l2"), q, x, 20, 16, "l2")
-        assert taken.pop() == path
-
-
-def test_filter_refuses_a_short_count():
-    """Fewer than k keys at or above tau (the two passes disagreeing) is an error, not NaN-looking padding."""
-    from mrl_kernels.kernels.prefix_filter import _check_count
-
-    _check_count(torch.tensor([[3, 1], [0, 9]], dtype=torch.int32), 4)  # 3 + 1 and 0 + min(9, 4)
-    with pytest.raises(RuntimeError, match="found 3 < k=4 rows"):
-        _check_count(torch.tensor([[3, 1], [2, 1]], dtype=torch.int32), 4)
-
-
-def test_filter_needs_k_tiles():
-    q, x = make(2, 100, 8, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="at least k=5 tiles"):
-        filtered_topk(q, x, 5, 8, "ip")
+def test_keys_decode_and_order():
+    """The key order is (score, then smallest row); decode returns both, l2 as distances (no -0.0)."""
+    scores = torch.tensor([[1.5, -2.0, 1.5, float("nan"), 0.0, -0.0]])
+    bits = scores.view(torch.int32)
+    hi = torch.where(torch.isnan(scores), torch.tensor(0x7FFFFFFF), bits ^ ((bits >> 31) & 0x7FFFFFFF))
+    hi = torch.where(scores == 0, torch.zeros_like(hi), hi)  # the kernel adds 0.0: -0.0 keys as 0.0
+    rows = torch.arange(6)
+    keys = (hi.long() << 32) | (0xFFFFFFFF - rows)
+    best = torch.topk(keys, 6, dim=1).values
+    s, i = decode_keys(best, "ip")
+    assert i.tolist() == [[3, 0, 2, 4, 5, 1]]
+    d, _ = decode_keys(best, "l2")
+    assert torch.equal(d[0, 3:].abs(), d[0, 3:]) and not torch.signbit(d[0, 3:]).any()
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("k", [200, 2048])
-def test_filter_on_the_gpu(k):
-    """The filter as launched on a GPU (many database splits in flight, concurrent slot reservations) through
-    prefix_topk_triton at a real k > KS_MAX."""
+@pytest.mark.parametrize("k", [10, 200, 2048])
+def test_search_on_the_gpu(k):
+    """The search as launched on a GPU (many database splits and query blocks in flight) at real k."""
     torch.manual_seed(10)
     q, x = make(100, 300_001, 40, torch.float16, "cuda", wide=8)
-    for metric in ("ip", "l2"):
+    for metric in ("ip", "cosine", "l2"):
         check(*prefix_topk_triton(q, x, k, 16, metric), q, x, k, 16, metric)

@@ -325,11 +325,11 @@ class MatryoshkaIndex:
 
     def _rerank(self, q: Tensor, ids: Tensor, k: int, dim: int, backend: str) -> tuple[Tensor, Tensor]:
         rerank = search_ops.rerank  # storage="host" only (device storage runs the funnel op)
-        backend = "torch" if backend == "triton" else backend  # as in the funnel op: no Triton re-ranking
         if dim <= self._prefix.shape[1]:
             return rerank(q[:, : self._prefix.shape[1]], self._prefix[: self._n], ids, k, dim=dim,
                           metric=self.metric, backend=backend)
-        # Gather only the candidate rows (each unique id once, at `dim` dims) from the host.
+        # Gather only the candidate rows (each unique id once, at `dim` dims) from the host: one copy per stage.
+        # torch.unique sorts, so local positions order like the ids and ties still go to the smallest id.
         uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
         rows = self._data[:, :dim].index_select(0, uniq.to(self._data.device)).to(self.device)
         local = inverse.reshape(ids.shape).to(self.device)

@@ -51,6 +51,7 @@ class CompileReport:
     scalar_atomics: int  # per-element atomic instructions (red / atom on global memory)
     wgmma_shapes: list  # the warpgroup MMA shapes in the PTX (sm_90), e.g. ["m64n128k16"]
     wgmma_serialized: bool  # ptxas C7515: every wgmma waited on (no overlap of tensor-core work)
+    async_waits: list  # distinct n of `cp.async.wait_group n`: n >= 1 means loads stay in flight across a wait
     ptx: str
 
     @property
@@ -68,15 +69,16 @@ DIVISIBLE_INTS = ("stride_x", "stride_w", "stride_out", "k_start", "k_end")
 
 
 def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4, num_stages: int = 3,
-                   maxnreg: int | None = None) -> CompileReport:
+                   maxnreg: int | None = None, divisible: tuple = ()) -> CompileReport:
     """Compile `fn` for sm_<arch>. `signature` maps every argument to a Triton type ('*fp16', 'i32',
     'constexpr'); `constexprs` gives the constexpr values. Raises on any compile error. Like a JIT
     launch, pointers (torch allocations are 256-byte aligned) and the DIVISIBLE_INTS are marked as
     multiples of 16: without that hint loads are not vectorized and loops are not software-pipelined,
     so the report would describe a different kernel. Triton's default num_stages is 3; maxnreg caps the
-    registers per thread (ptxas's .maxnreg), as the launch does."""
+    registers per thread (ptxas's .maxnreg), as the launch does. `divisible` names more integer arguments
+    that the launches being described pass as multiples of 16 (a spec's "divisible" option)."""
     aligned = [i for i, (name, ty) in enumerate(signature.items())
-               if ty.startswith("*") or (name in DIVISIBLE_INTS and ty in ("i32", "i64"))]
+               if ty.startswith("*") or ((name in DIVISIBLE_INTS or name in divisible) and ty in ("i32", "i64"))]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs,
                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     target = GPUTarget("cuda", arch, 32)
@@ -86,13 +88,20 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
     registers, spills = ptxas_usage(log)
     return CompileReport(fn.__name__, arch, compiled.metadata.shared, registers, spills, ordered_atomics(ptx),
                          ptx.count("cp.async.bulk.tensor"), ptx.count("cp.reduce.async.bulk.tensor"),
-                         scalar_atomics(ptx), wgmma_shapes(ptx), "(C7515)" in log, ptx)
+                         scalar_atomics(ptx), wgmma_shapes(ptx), "(C7515)" in log, async_waits(ptx), ptx)
 
 
 def wgmma_shapes(ptx: str) -> list:
     """Sorted distinct m/n/k shapes of the wgmma instructions in `ptx`: 64 x 64 tiles use a quarter of what a
     64 x 256 wgmma could issue at once, so the shape says how well a config feeds Hopper's tensor cores."""
     return sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))
+
+
+def async_waits(ptx: str) -> list:
+    """Sorted distinct n of the `cp.async.wait_group n` in `ptx`. A software-pipelined loop waits for all but
+    its newest n groups of asynchronous copies (n = stages - 2 or so), so n >= 1 says the next tiles' loads
+    are in flight while this one is computed; n = 0 only, or none, says every tile waits for its own load."""
+    return sorted({int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)})
 
 
 def scalar_atomics(ptx: str) -> int:
@@ -137,10 +146,11 @@ def compile_with_ptxas_log(src, target, options):
 
 # Kernel modules whose aot_specs() are compiled; each yields (label, fn, signature, constexprs, options) where
 # options holds num_warps and optionally num_stages, exactly as the launcher passes them, and optionally
-# min_arch: the variant is only launched from that arch on (reported as skipped below it).
+# min_arch (the variant is only launched from that arch on: reported as skipped below it) and divisible
+# (integer arguments hinted as multiples of 16 beyond DIVISIBLE_INTS, as the JIT does at the shapes described).
 KERNEL_MODULES = ("mrl_kernels.kernels.prefix_norms", "mrl_kernels.kernels.nested_ce_forward",
-                  "mrl_kernels.kernels.nested_ce_backward", "mrl_kernels.kernels.prefix_topk",
-                  "mrl_kernels.kernels.prefix_filter", "mrl_kernels.kernels.contrastive_forward",
+                  "mrl_kernels.kernels.nested_ce_backward", "mrl_kernels.kernels.prefix_tile_max",
+                  "mrl_kernels.kernels.gather_scores", "mrl_kernels.kernels.contrastive_forward",
                   "mrl_kernels.kernels.contrastive_backward")
 
 

@@ -2,10 +2,9 @@
 
 prefix_topk scores every database row on a prefix of its dims and keeps each query's best k; rerank
 re-scores given candidate ids at a (longer) prefix; funnel_search / adaptive_search chain the two as in
-the MRL paper. Every argument is checked before anything is computed. Backends: "triton" (the fused
-top-k kernel, CUDA), "torch" (chunked, any device) and "reference" (mrl_kernels.reference). The
-re-ranking stages have no Triton kernel: with backend="triton" the funnel's first stage runs the Triton
-top-k and the re-ranking stages run the torch backend.
+the MRL paper. Every argument is checked before anything is computed. Backends: "triton" (CUDA: the
+tile-maximum pass and the gather-dot re-score of kernels/prefix_topk.py; rerank and the funnel's later stages
+by the same gather-dot kernel), "torch" (chunked, any device) and "reference" (mrl_kernels.reference).
 
 metric defaults to "cosine" everywhere (these ops and MatryoshkaIndex): a prefix of an MRL embedding is
 not unit-norm even where the full vector is, and prefix norms differ from row to row, so an inner
@@ -26,10 +25,9 @@ from .search_torch import prefix_topk_torch, rerank_torch
 
 METRICS = ("ip", "cosine", "l2")
 IMPLEMENTED = ("triton", "torch", "reference")
-# The Triton top-k indexes database rows with int32 (a split's last tile may run up to a split past the
-# end), so it takes at most 2^30 rows; backend="auto" sends larger databases to the torch backend.
+# The Triton kernels index database rows with int32 (a tile id times the tile height may run a tile past the
+# end), so they take at most 2^30 rows; backend="auto" sends larger databases to the torch backend.
 TRITON_MAX_ROWS = 2 ** 30
-RERANK_IMPLEMENTED = ("torch", "reference")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,9 +133,14 @@ def _prefix_topk(queries, database, k: int, dim: int, metric: str, backend: str)
 
 
 def _rerank(queries, database, candidates, k: int, dim: int, metric: str, backend: str):
+    if backend == "triton":
+        from ..kernels.prefix_topk import rerank_triton
+
+        db = database if database.stride(1) == 1 else database.contiguous()
+        return rerank_triton(queries, db, candidates, k, dim, metric)
     if backend == "reference":
         return reference.rerank(queries, database, candidates, k, dim=dim, metric=metric)
-    return rerank_torch(queries, database, candidates, k, dim, metric)  # torch (also for triton funnels)
+    return rerank_torch(queries, database, candidates, k, dim, metric)
 
 
 def run_funnel(topk, rerank, k: int, dims, shortlists):
@@ -194,8 +197,9 @@ def rerank(queries, database, candidates, k, dim=None, metric="cosine", backend=
     ids) on the first `dim` dims (all D when None) and keep the best k <= S. metric: as prefix_topk
     ("cosine" by default).
 
-    Returns (scores [Q, k], database ids [Q, k] int64), best first. backend: "auto" / "torch" (batched
-    gather + batched dot, chunked over queries) or "reference".
+    Returns (scores [Q, k], database ids [Q, k] int64), best first. backend: "auto" (Triton on CUDA, else
+    torch), "triton" (the gather-dot kernel: each candidate row read once in the storage dtype, fp32 sums;
+    equal scores in ascending id), "torch" (batched gather + batched dot, chunked over queries) or "reference".
     """
     full_dim = _check_pair(queries, database)
     candidates = _check_candidates(candidates, queries, database.shape[0])
@@ -203,7 +207,7 @@ def rerank(queries, database, candidates, k, dim=None, metric="cosine", backend=
     dim = _check_dim(dim, "dim", full_dim)
     check_choice(metric, "metric", METRICS)
     _check_queries_finite(queries[:, :dim])
-    backend = resolve_backend("rerank", backend, queries.device, RERANK_IMPLEMENTED)
+    backend = search_backend("rerank", backend, queries.device, database.shape[0])
     return _rerank(queries, database, candidates, k, dim, metric, backend)
 
 
@@ -214,7 +218,7 @@ def funnel_search(queries, database, k, dims, shortlists, metric="cosine", backe
     dims: non-decreasing ints in [1, D], e.g. (8, 16, 32, 64, 128, 2048); shortlists: len(dims) - 1
     non-increasing ints in [k, N], e.g. (200, 100, 50, 25, 10). Returns (scores [Q, k], ids [Q, k]).
     metric: as prefix_topk ("cosine" by default: each stage's prefix re-normalised).
-    backend: "auto", "triton" (Triton first stage, torch re-ranking), "torch" or "reference".
+    backend: "auto", "triton" (the Triton top-k, then the gather-dot re-rank), "torch" or "reference".
     """
     full_dim = _check_pair(queries, database)
     k = check_int(k, "k", 1, database.shape[0])
