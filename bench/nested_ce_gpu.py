@@ -20,17 +20,15 @@ AOT-checked configs.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from bench import gpu_run
 from bench.harness import rel_err
 
 STEP_SECONDS = {"reduce": 30, "mm": 15, "sweep": 130, "suite": 120}  # 295 s in all
@@ -46,27 +44,11 @@ QUICK_SWEEP_SHAPE = dict(n=64, c=256, d=64, dims=(8, 16, 32, 64))
 NO_DESCRIPTOR_REDUCE = "no descriptor reduce in the interpreter"
 
 
-def _timer(device: str):
-    """ms of one call of fn: triton's do_bench on a GPU (L2 flushed, median), one timed call on the CPU."""
-    if device == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=40)
-
-    def once(fn):
-        fn()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-
-    return once
-
-
 def tile_reductions(device: str, quick: bool, deadline: float):
     from bench import tile_reduce
 
     targets = [(256, 192)] if quick else [(2048, 2048), (16384, 16384)]  # 16 MB and 1 GB of fp32
-    bench = _timer(device)
+    bench = gpu_run.timer(device)
     for rows, cols in targets:
         out = torch.zeros(rows, cols, device=device)
         n_tiles = (rows // 128) * (cols // 64)
@@ -91,7 +73,7 @@ def mm_ceiling(device: str, quick: bool, deadline: float):
     n = 256 if quick else 8192
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
-    ms = _timer(device)(lambda: a @ a)
+    ms = gpu_run.timer(device)(lambda: a @ a)
     yield {"step": "mm", "n": n, "dtype": str(dtype), "ms": ms, "tflops": 2 * n**3 / ms / 1e9}
 
 
@@ -138,7 +120,7 @@ def config_sweep(device: str, quick: bool, deadline: float):
 
     x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref = step("torch", x32, w32)
-    bench = _timer(device)
+    bench = gpu_run.timer(device)
     # The shipped backward tiles by both kernels first: the question this run is for.
     backward = [(f"backward-{'tma' if tma else 'pointer'}", None, cfg, tma) for cfg in BACKWARD_CONFIGS
                 for tma in (True, False)]
@@ -178,36 +160,8 @@ STEPS = {"reduce": tile_reductions, "mm": mm_ceiling, "sweep": config_sweep, "su
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.nested_ce_gpu", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: try the script out")
-    parser.add_argument("--step", action="append", choices=list(STEPS), help="run only these steps (repeatable)")
-    args = parser.parse_args(argv)
-    import triton
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "nested_ce_gpu.jsonl"
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    env = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "quick": args.quick,
-           "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    failed = False
-    with path.open("a") as f:
-        for step in args.step or list(STEPS):
-            deadline = time.monotonic() + STEP_SECONDS[step]
-            try:
-                for record in STEPS[step](args.device, args.quick, deadline):
-                    failed |= "error" in record or record.get("exact") is False or record.get("returncode", 0) != 0
-                    line = json.dumps({**env, **record})
-                    print(line, flush=True)
-                    f.write(line + "\n")
-            except Exception as exc:
-                failed = True
-                line = json.dumps({**env, "step": step, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                print(line, flush=True)
-                f.write(line + "\n")
-    print(f"wrote {path}")
-    return 1 if failed else 0
+    return gpu_run.main("python -m bench.nested_ce_gpu", __doc__.split("\n")[0], "nested_ce_gpu", STEPS, STEP_SECONDS,
+                        argv)
 
 
 if __name__ == "__main__":

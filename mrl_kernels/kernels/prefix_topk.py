@@ -11,8 +11,9 @@ no sorting inside a kernel.
 
 Why it is exact. Let e bound the difference between pass 1's t and the t implied by pass 3's score for any row
 (both are fp32 sums of the same exact products in different orders, plus a few roundings of the epilogue:
-|e| <= (DIM + 8) u A with u = 2^-24 and A = |q| X (ip), |q| (cosine) or (|q| + X)^2 (l2), X the largest prefix
-norm in the database), and take margin = 4 (DIM + 8) u A >= 2e. A row in a tile that was not selected has
+|e| <= 2 (DIM + 8) u A with u = 2^-24, doubled for tensor cores that align and truncate rather than round
+while they accumulate, and A = |q| X (ip), |q| (cosine) or (|q| + X)^2 (l2), X the largest prefix
+norm in the database), and take margin = 8 (DIM + 8) u A >= 2e. A row in a tile that was not selected has
 t1 < thr, so t3 < thr + e <= tau - e. Each of the k tiles with the largest maxima holds a row with t1 >= tau, so
 t3 >= tau - e: k selected rows score strictly above every row left out (for l2 with the clamp at distance 0:
 a left-out row also has t3 < |q|^2 - e, so its distance is > 0 while those k rows have distance <= that row's
@@ -22,8 +23,9 @@ selected first (all of them when k or more exist, which holds the k smallest NaN
 first, as on the CPU. Ties: any number of tiles within the margin of tau are selected (near-duplicate rows cost
 re-scoring, never exactness); ids among equal scores are the smallest rows, run after run.
 
-Cost at N = 10M, d = 16 (see bench/NOTES.md and SEARCH_GPU in the design notes): pass 1 is a dot and ~1.3 ALU
-ops per score; passes 2-3 read k * BLOCK_N rows per query. BLOCK_N ~ sqrt(0.6 N / k) balances the two.
+Cost: pass 1 is a dot, a max and (cosine, l2) one multiply or FMA per score, and stores N / BLOCK_N maxima per
+query; passes 2-3 read k * BLOCK_N rows per query. BLOCK_N ~ sqrt(0.6 N / k) balances the two. No GPU has timed
+it yet (bench/search_gpu.py is the prepared run; bench/NOTES.md has the compiled sm_90 code's numbers).
 """
 import math
 
@@ -58,7 +60,7 @@ def selection_margin(queries: torch.Tensor, dim: int, metric: str, x_max: float)
     """[Q] float64: the margin below tau (in t's units) within which tiles are selected (module docstring)."""
     q_norm = torch.linalg.vector_norm(queries[:, :dim], dim=1, dtype=torch.float32).double()
     scale = {"ip": q_norm * x_max, "cosine": q_norm, "l2": (q_norm + x_max) ** 2}[metric]
-    return 4.0 * (dim + EPILOGUE_ROUNDINGS) * UNIT_ROUNDOFF * scale
+    return 8.0 * (dim + EPILOGUE_ROUNDINGS) * UNIT_ROUNDOFF * scale
 
 
 def select_tiles(maxima: torch.Tensor, k: int, margin: torch.Tensor, ceiling: torch.Tensor | None) -> torch.Tensor:
@@ -96,15 +98,18 @@ def prefix_topk_triton(queries: torch.Tensor, database: torch.Tensor, k: int, di
     """(scores fp32 [Q, k], ids int64 [Q, k]), best first: descending for "ip"/"cosine", ascending squared
     distance for "l2"; equal scores in ascending id. Inputs validated by the caller (2-D, same fp32/fp16/bf16
     dtype and device, unit column stride, 1 <= k <= N <= 2^30, 1 <= dim <= D). block_n, splits: override the
-    tile height and pass 1's database splits; budget_bytes: the working memory of a query batch (default
-    4 GB on a GPU, 256 MB elsewhere)."""
+    tile height and pass 1's database splits; budget_bytes: the working memory of a query batch (default on a
+    GPU: a quarter of its free memory, at most 16 GB, so that usually all queries go in one batch and the
+    database prefix is read once; 256 MB elsewhere)."""
     if queries.stride(1) != 1:
         queries = queries.contiguous()
     n_q, n = queries.shape[0], database.shape[0]
     block_n = block_n or tile_rows(n, k)
     n_tiles = triton.cdiv(n, block_n)
     if budget_bytes is None:
-        budget_bytes = 1 << (32 if queries.is_cuda else 28)
+        budget_bytes = 1 << 28
+        if queries.is_cuda:
+            budget_bytes = max(budget_bytes, min(torch.cuda.mem_get_info(queries.device)[0] // 4, 1 << 34))
     x_max = max_prefix_norm(database, dim) if metric != "cosine" else 1.0
     scores = torch.empty((n_q, k), dtype=torch.float32, device=queries.device)
     ids = torch.empty((n_q, k), dtype=torch.int64, device=queries.device)
