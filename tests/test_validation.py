@@ -150,7 +150,7 @@ def test_prefix_topk_rejects(case, exc, match):
         mk.prefix_topk(**inputs(**case))
 
 
-BAD_RERANK = [(o, e, m) for o, e, m in COMMON if o.get("backend") != "triton"] + [
+BAD_RERANK = COMMON + [
     (dict(k=9), ValueError, r"k must be in \[1, 8\]"),
     (dict(dim=VD + 1), ValueError, r"dim must be in \[1, 20\]"),
     (dict(candidates=torch.zeros(VQ, 8, dtype=torch.int16)), TypeError, r"candidates must have dtype in \(int64, int32\)"),
@@ -161,7 +161,7 @@ BAD_RERANK = [(o, e, m) for o, e, m in COMMON if o.get("backend") != "triton"] +
     (dict(candidates=torch.full((VQ, 8), VN)), ValueError, r"candidates has id 50 outside \[0, 50\)"),
     (dict(candidates=torch.full((VQ, 8), -1)), ValueError, r"candidates has id -1 outside"),
     (dict(candidates=[[0] * 8] * VQ), TypeError, "candidates must be a torch.Tensor"),
-    (dict(backend="triton"), NotImplementedError, "backend='triton' is not implemented"),
+    (dict(backend="cuda"), NotImplementedError, "backend='cuda' is not implemented"),
 ]
 
 
