@@ -214,7 +214,12 @@ def train(model: nn.Module, train_dataset, config: TrainConfig | None = None, va
     resume_path = None if resume is None else resolve_checkpoint(resume)
     owns_group = _init_distributed(config.device)
     try:
-        return _Trainer(model, train_dataset, config, val_dataset, meta).run(resume_path)
+        history = _Trainer(model, train_dataset, config, val_dataset, meta).run(resume_path)
+        if owns_group:
+            # Every rank done before any tears the group down: a gloo process whose peer has already destroyed
+            # its side can abort in its own teardown (seen as SIGABRT on rank 0, which writes the checkpoints).
+            dist.barrier()
+        return history
     finally:
         if owns_group:
             dist.destroy_process_group()

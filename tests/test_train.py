@@ -6,6 +6,7 @@ import json
 import math
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -253,6 +254,12 @@ def run_rank(rank, port, out_dir):
     history = T.train(model, blobs(48), config)
     assert not dist.is_initialized()  # train() took the group down again
     torch.save({"state": model.state_dict(), "history": history}, os.path.join(out_dir, f"rank{rank}.pt"))
+    if rank == 0:
+        # Without torchrun, rank 0 hosts the rendezvous store: exiting while rank 1 still talks to it in its own
+        # teardown aborted rank 0 (SIGABRT, about 1 run in 25 on a loaded 2-core machine). Leave last.
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.join(out_dir, f"rank{WORLD - 1}.pt")) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
