@@ -148,6 +148,26 @@ def test_more_nan_rows_than_k(kernel_device):
     assert torch.isnan(scores).all() and (ids.cpu() == nan_rows[:5]).all()
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_inf_and_nan_rows(kernel_device, metric):
+    """An inf in one row (an infinite score, or NaN for l2's inf - inf) beside a NaN row: the brute force's
+    order exactly, also at k = 1 where tau is infinite (the margin stays finite: max_prefix_norm caps at the
+    largest float)."""
+    torch.manual_seed(13)
+    q, x = make(3, 400, 16, torch.float32, kernel_device)
+    q = q.abs()  # positive queries: the +inf row scores +inf under ip
+    x[30, 2] = float("inf")
+    x[333, 5] = float("nan")
+    scores, ids = prefix_topk_triton(q, x, 6, 16, metric, block_n=32)
+    # the brute force's order: NaN first (torch.sort puts NaN above inf), equal scores in ascending id
+    want = torch.sort(brute_force(q, x, 16, metric), dim=1, descending=True, stable=True).indices[:, :6]
+    assert torch.equal(ids.cpu(), want)
+    assert torch.isnan(scores[:, 0]).all() and (ids[:, 0].cpu() == (30 if metric == "l2" else 333)).all()
+    top1 = prefix_topk_triton(q, x, 1, 16, metric, block_n=32)[1]
+    assert torch.equal(top1.cpu(), want[:, :1])
+
+
 def exact_ties(kernel_device, n=1700):
     g = torch.Generator().manual_seed(7)
     q = torch.randint(-1, 2, (6, 8), generator=g).float().to(kernel_device)
@@ -206,6 +226,21 @@ def test_select_tiles():
     assert torch.equal(select_tiles(maxima.clone(), 6, margin, None), torch.arange(6, dtype=torch.int32).expand(2, 6))
     wide = torch.zeros(1, 100)  # all tied: beyond topk's first guess of k + 8 tiles
     assert select_tiles(wide, 3, torch.zeros(1, dtype=torch.float64), None).shape == (1, 100)
+
+
+def test_database_splits_fill_the_gpu_within_the_grid(monkeypatch):
+    """About 8 programs per SM (4 waves of 2), at least 4 tiles each, never more than grid axis 1 holds."""
+    from types import SimpleNamespace
+
+    from mrl_kernels.kernels import prefix_tile_max
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert prefix_tile_max.database_splits(79, 78_125, cuda) == 14  # Q = 10,000 in 128-query blocks, N = 10M
+    assert prefix_tile_max.database_splits(1, 10**8, cuda) == 1056
+    assert prefix_tile_max.database_splits(1, 3, cuda) == 1
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=10**5))
+    assert prefix_tile_max.database_splits(1, 10**9, cuda) == 65_535
 
 
 def test_tile_rows():

@@ -48,7 +48,8 @@ def tile_rows(n_rows: int, k: int) -> int:
 
 
 def max_prefix_norm(database: torch.Tensor, dim: int, chunk_rows: int = 1 << 20) -> float:
-    """The largest L2 norm of a row's first `dim` entries (NaN rows ignored; +inf if a row overflows)."""
+    """The largest L2 norm of a row's first `dim` entries (NaN rows ignored; an infinite one counts as the largest
+    float, which keeps the margin finite)."""
     best = 0.0
     for r0 in range(0, database.shape[0], chunk_rows):
         norms = torch.linalg.vector_norm(database[r0:r0 + chunk_rows, :dim], dim=1, dtype=torch.float32)
