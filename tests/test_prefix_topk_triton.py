@@ -205,9 +205,9 @@ def test_near_duplicates_within_the_margin(kernel_device):
     for t in range(20):  # scores 3 |q|^2 (1 + t 1e-7), far above the random rows'
         x[t * 32 + 5] = 3 * q[0] * (1 + t * 1e-7)
     maxima = tile_maxima(q, x, 16, "ip", 32)
-    from mrl_kernels.kernels.prefix_topk import max_prefix_norm, selection_margin
+    from mrl_kernels.kernels.prefix_topk import max_prefix_norm, query_norms, selection_margin
 
-    margin = selection_margin(q, 16, "ip", max_prefix_norm(x, 16))
+    margin = selection_margin(query_norms(q, 16), 16, "ip", max_prefix_norm(x, 16))
     assert select_tiles(maxima.clone(), 2, margin, None).shape[1] > 2
     check(*prefix_topk_triton(q, x, 2, 16, "ip", block_n=32), q, x, 2, 16, "ip")
 

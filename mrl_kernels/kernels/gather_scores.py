@@ -18,13 +18,12 @@ import triton.language as tl
 
 from .indexing import row_offsets
 from .launch import split_launch_options
+from .prefix_tile_max import EPS, MAX_GRID_Y  # the first pass's norm floor and grid limit
 
-EPS = tl.constexpr(1e-12)              # F.normalize's floor on a norm
 LOW31 = tl.constexpr(0x7FFFFFFF)
 NAN_HI = tl.constexpr(0x7FFFFFFF)      # high half of a NaN score's key: above every real score
 EMPTY_HI = tl.constexpr(-0x80000000)   # high half of a missing row: the bits of a negative NaN, never produced
 LOW32 = tl.constexpr(0xFFFFFFFF)    # the low half of a key: 2^32 - 1 - row
-MAX_GRID_Y = 65_535
 
 
 @triton.jit

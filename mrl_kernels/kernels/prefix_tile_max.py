@@ -18,6 +18,7 @@ from .indexing import row_offsets
 from .launch import split_launch_options
 
 EPS = tl.constexpr(1e-12)  # F.normalize's floor on a norm
+MAX_GRID_Y = 65_535        # programs on grid axis 1 (and 2)
 
 
 @triton.jit
@@ -106,11 +107,11 @@ def tile_maxima(queries: torch.Tensor, database: torch.Tensor, dim: int, metric:
 def database_splits(q_blocks: int, n_tiles: int, device: torch.device) -> int:
     """About four waves of two programs per multiprocessor on a GPU, at least a few tiles per program (the
     pipeline needs a loop to overlap); 3 on the CPU, to exercise several splits and a short last one.
-    Grid axis 1 is at most 65,535."""
+    Grid axis 1 holds at most MAX_GRID_Y."""
     if device.type != "cuda":
         return 3
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(8 * sms, q_blocks), triton.cdiv(n_tiles, 4), 65_535))
+    return max(1, min(triton.cdiv(8 * sms, q_blocks), triton.cdiv(n_tiles, 4), MAX_GRID_Y))
 
 
 # The launches compiled ahead of time, with the hints the JIT applies at these shapes (pointers, strides and row

@@ -57,9 +57,14 @@ def max_prefix_norm(database: torch.Tensor, dim: int, chunk_rows: int = 1 << 20)
     return best
 
 
-def selection_margin(queries: torch.Tensor, dim: int, metric: str, x_max: float) -> torch.Tensor:
-    """[Q] float64: the margin below tau (in t's units) within which tiles are selected (module docstring)."""
-    q_norm = torch.linalg.vector_norm(queries[:, :dim], dim=1, dtype=torch.float32).double()
+def query_norms(queries: torch.Tensor, dim: int) -> torch.Tensor:
+    """[Q] float64: |q| of each query's first `dim` entries (the margin's scale, and l2's ceiling |q|^2)."""
+    return torch.linalg.vector_norm(queries[:, :dim], dim=1, dtype=torch.float32).double()
+
+
+def selection_margin(q_norm: torch.Tensor, dim: int, metric: str, x_max: float) -> torch.Tensor:
+    """[Q] float64: the margin below tau (in t's units) within which tiles are selected (module docstring);
+    q_norm from query_norms."""
     scale = {"ip": q_norm * x_max, "cosine": q_norm, "l2": (q_norm + x_max) ** 2}[metric]
     return 8.0 * (dim + EPILOGUE_ROUNDINGS) * UNIT_ROUNDOFF * scale
 
@@ -118,9 +123,9 @@ def prefix_topk_triton(queries: torch.Tensor, database: torch.Tensor, k: int, di
     for q0 in range(0, n_q, batch):
         q = queries[q0:q0 + batch]
         maxima = tile_maxima(q, database, dim, metric, block_n, splits)
-        margin = selection_margin(q, dim, metric, x_max)
-        ceiling = (torch.linalg.vector_norm(q[:, :dim], dim=1, dtype=torch.float32).double() ** 2
-                   if metric == "l2" else None)
+        q_norm = query_norms(q, dim)
+        margin = selection_margin(q_norm, dim, metric, x_max)
+        ceiling = q_norm ** 2 if metric == "l2" else None
         keys = gather_keys(q, database, select_tiles(maxima, k, margin, ceiling), dim, metric, rows_per_id=block_n)
         del maxima
         scores[q0:q0 + batch], ids[q0:q0 + batch] = decode_keys(torch.topk(keys, k, dim=1).values, metric)
